@@ -1,0 +1,142 @@
+"""`load()`: a checkpoint, preset or built-in model as a ready-to-use bundle."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanogpt_jax.checkpoint import abstract_model, load_params, read_metadata, save_model
+from nanogpt_jax.config import PRESETS, GPTConfig
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.tokenizer import Tokenizer
+
+BUILTIN_DIR = Path(__file__).parent / "pretrained"
+BUILTIN_MODELS = ("shakespeare-char",)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def cache_home() -> Path:
+    """Where converted presets and compiled programs are kept (`$NANOGPT_JAX_HOME`)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanogpt_jax"
+    return Path(os.environ.get("NANOGPT_JAX_HOME", default))
+
+
+@dataclass
+class ModelBundle:
+    """A model with its tokenizer. Parameters live in `params`, split from `graphdef`, so jitted
+    functions take them as arguments (no model object is closed over)."""
+
+    config: GPTConfig
+    tokenizer: Tokenizer
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    dtype: str = "float32"  # compute dtype
+    info: dict = field(default_factory=dict)
+    engine: object = field(default=None, repr=False)  # the sampler's compiled programs
+
+    def logits(self, ids) -> jax.Array:
+        """Float32 logits (B, T, V) for token ids (B, T), T <= block_size."""
+        ids = jnp.asarray(ids, jnp.int32)
+        if ids.ndim != 2:
+            raise UserError(f"ids must be a (batch, time) array, got shape {ids.shape}")
+        if ids.shape[1] > self.config.block_size:
+            raise UserError(
+                f"{ids.shape[1]} tokens exceed block_size={self.config.block_size}; "
+                "crop them or use generate(), which slides the window"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise UserError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return forward_logits(self.graphdef, self.params, ids)
+
+    def generate(self, prompts, **options):
+        """Sample continuations; see `nanogpt_jax.generate.generate` for the options."""
+        from nanogpt_jax.generate import generate
+
+        return generate(self, prompts, **options)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward_logits(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array) -> jax.Array:
+    logits, _ = nnx.merge(graphdef, params)(ids)
+    return logits
+
+
+def make_bundle(
+    config: GPTConfig,
+    tokenizer: Tokenizer,
+    params: dict,
+    dtype: str = "float32",
+    info: dict | None = None,
+) -> ModelBundle:
+    """Bundle a parameter tree. For bfloat16/float16 inference the matrices are cast to that
+    dtype too (halving the bytes read per token); LayerNorms and biases stay float32."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    compute = DTYPES[dtype]
+    graphdef, state = nnx.split(abstract_model(config, compute))
+    nnx.replace_by_pure_dict(state, params)
+    state = jax.tree.map(
+        lambda x: jnp.asarray(x, compute if (compute != jnp.float32 and x.ndim >= 2) else None),
+        state,
+    )
+    return ModelBundle(config, tokenizer, graphdef, state, dtype, info or {})
+
+
+def load(name_or_path: str | os.PathLike, dtype: str = "float32") -> ModelBundle:
+    """Load a model by checkpoint path, preset name (gpt2 ... gpt2-xl) or built-in name.
+
+    Presets are downloaded from the Hugging Face hub and converted on first use, then cached
+    under `cache_home()`. `dtype` is the compute dtype: float32, or bfloat16 for accelerators.
+    """
+    path = resolve(str(name_or_path))
+    config, tokenizer, info = read_metadata(path)
+    return make_bundle(config, tokenizer, load_params(path, config), dtype, info)
+
+
+def resolve(name_or_path: str) -> Path:
+    if name_or_path in BUILTIN_MODELS:
+        path = BUILTIN_DIR / name_or_path
+        if not path.is_dir():
+            raise UserError(f"built-in model {name_or_path} is missing from this installation")
+        return path
+    if name_or_path in PRESETS:
+        path = cache_home() / "models" / name_or_path
+        if not path.is_dir():
+            from nanogpt_jax.convert import convert
+
+            print(f"converting {name_or_path} into {path} (first use)", file=sys.stderr)
+            converted = convert(name_or_path)
+            save_model(
+                path,
+                converted.params,
+                converted.config,
+                converted.tokenizer,
+                info={"source": converted.source},
+            )
+        return path
+    path = Path(name_or_path)
+    if not path.exists():
+        names = ", ".join([*BUILTIN_MODELS, *PRESETS])
+        raise UserError(
+            f"{name_or_path}: no such checkpoint directory, and not a model name ({names})"
+        )
+    return path
+
+
+def as_token_rows(prompts, tokenizer: Tokenizer) -> list[list[int]]:
+    """Prompts (a string, a list of strings, or lists of ids) as lists of token ids."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, np.ndarray | jax.Array):
+        prompts = np.asarray(prompts).reshape(-1, np.asarray(prompts).shape[-1]).tolist()
+    elif prompts and isinstance(prompts[0], int | np.integer):
+        prompts = [list(prompts)]
+    return [tokenizer.encode(p) if isinstance(p, str) else [int(i) for i in p] for p in prompts]

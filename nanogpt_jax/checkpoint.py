@@ -1,0 +1,157 @@
+"""Model checkpoints on disk: Orbax-saved params plus a JSON of config and tokenizer.
+
+A checkpoint directory:
+
+    DIR/nanogpt_jax.json   {"format": 1, "config": {...}, "tokenizer": {...}, "info": {...}}
+    DIR/params/            the parameter tree, saved by orbax.checkpoint.StandardCheckpointer
+
+A training run's `out_dir` holds the same JSON and an Orbax CheckpointManager directory
+`checkpoints/<step>/params`; `params_dir` finds the newest step there, so both load the same way.
+
+Writes are atomic: everything is written into a hidden sibling directory that is renamed into
+place only when complete, so an interrupted write never leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.model import GPT
+from nanogpt_jax.tokenizer import Tokenizer, tokenizer_from_description
+
+METADATA_FILE = "nanogpt_jax.json"
+PARAMS_DIR = "params"
+TRAINING_DIR = "checkpoints"
+FORMAT_VERSION = 1
+
+
+def metadata(config: GPTConfig, tokenizer: Tokenizer, info: dict | None = None) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "tokenizer": {**tokenizer.describe(), "vocab_size": tokenizer.vocab_size},
+        "info": info or {},
+    }
+
+
+def write_metadata(directory: Path, meta: dict) -> None:
+    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_metadata(directory: str | Path) -> tuple[GPTConfig, Tokenizer, dict]:
+    """Config, tokenizer and free-form info of a checkpoint or training directory."""
+    directory = Path(directory)
+    path = directory / METADATA_FILE
+    if not path.is_file():
+        raise UserError(f"{directory}: not a nanogpt-jax checkpoint (no {METADATA_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise UserError(f"{path}: unsupported format {meta.get('format')!r}")
+        config = GPTConfig.from_dict(meta["config"])
+        tokenizer = tokenizer_from_description(meta["tokenizer"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: corrupt checkpoint metadata ({type(e).__name__}: {e})") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{config.vocab_size}"
+        )
+    return config, tokenizer, meta.get("info", {})
+
+
+def save_model(
+    directory: str | Path,
+    params: dict,
+    config: GPTConfig,
+    tokenizer: Tokenizer,
+    *,
+    info: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint directory atomically. `params` is GPT's parameter tree (a dict)."""
+    directory = Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise UserError(f"{directory} already exists (pass --force to overwrite it)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / PARAMS_DIR, params)
+        write_metadata(staging, metadata(config, tokenizer, info))
+        replace_directory(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an old `target` is removed only after `new` is in place."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def params_dir(directory: str | Path) -> Path:
+    """The Orbax params directory of a checkpoint, or of a training run's newest step."""
+    directory = Path(directory)
+    if (directory / PARAMS_DIR).is_dir():
+        return directory / PARAMS_DIR
+    steps = sorted(
+        (int(p.name), p)
+        for p in (directory / TRAINING_DIR).glob("*")
+        if p.name.isdigit() and (p / PARAMS_DIR).is_dir()
+    )
+    if not steps:
+        raise UserError(f"{directory}: no saved parameters in it")
+    return steps[-1][1] / PARAMS_DIR
+
+
+def abstract_model(config: GPTConfig, dtype=jax.numpy.float32) -> GPT:
+    """GPT with shapes and dtypes but no memory behind them: the target for restoring."""
+    return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def restore_params(path: str | Path, target: dict) -> dict:
+    """Restore a parameter tree shaped like `target` (a tree of ShapeDtypeStructs or arrays)."""
+    path = Path(path)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path.absolute(), abstract)
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: missing checkpoint files ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: checkpoint does not match the model ({first_line})") from None
+
+
+def load_params(directory: str | Path, config: GPTConfig) -> dict:
+    """The float32 parameter tree of a checkpoint or training directory."""
+    skeleton = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+    return restore_params(params_dir(directory), skeleton)
+
+
+def params_of(model: GPT) -> dict:
+    """The model's parameters as a plain nested dict of arrays (what Orbax saves)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def count_params(params: dict) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

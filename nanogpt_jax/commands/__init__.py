@@ -1,0 +1,42 @@
+"""Command-line entry points. Each parses flags, wires library calls and prints: results on
+stdout, everything else (progress, timings, warnings, errors) on stderr."""
+
+import sys
+import warnings
+
+from nanogpt_jax.errors import UserError
+
+
+def run(main, argv=None) -> None:
+    """Run `main(argv)`, turning bad input into a one-line error and exit status 2."""
+    warnings.showwarning = _one_line_warning
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        sys.exit(0)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def select_platform(device: str | None) -> None:
+    """Pin JAX to cpu/gpu/tpu before anything touches a backend."""
+    if device is None:
+        return
+    if device not in ("cpu", "gpu", "cuda", "tpu"):
+        raise UserError(f"device must be cpu, gpu or tpu, got {device!r}")
+    import jax
+
+    jax.config.update("jax_platforms", "cuda" if device == "gpu" else device)
+    try:
+        jax.devices()
+    except RuntimeError as e:
+        raise UserError(f"device {device!r} is not available here ({e})") from None

@@ -1,0 +1,62 @@
+"""Convert PyTorch GPT-2 weights into a nanogpt-jax checkpoint directory.
+
+python scripts/convert.py --from=gpt2-xl --out_dir=ckpt/gpt2-xl
+python scripts/convert.py --from=path/to/hf_model_dir --out_dir=ckpt/mine
+python scripts/convert.py --from=out-shakespeare-char/ckpt.pt --out_dir=ckpt/shakespeare
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from nanogpt_jax.commands import run
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.flags import parse_flags
+
+
+@dataclass
+class ConvertFlags:
+    from_: str | None = None  # gpt2 ... gpt2-xl | a Hugging Face directory | a nanoGPT ckpt.pt
+    out_dir: str | None = None  # the checkpoint directory to write
+    meta: str | None = None  # a nanoGPT meta.pkl (default: the one beside ckpt.pt, if any)
+    force: bool = False  # replace an existing out_dir
+
+
+USAGE = "usage: python scripts/convert.py --from=SRC --out_dir=DIR [--meta=meta.pkl] [--force]"
+
+
+def main(argv: list[str]) -> None:
+    flags = parse_flags(ConvertFlags, argv, usage=USAGE)
+    if not flags.from_ or not flags.out_dir:
+        raise UserError(f"--from and --out_dir are required ({USAGE})")
+    from pathlib import Path
+
+    from nanogpt_jax.checkpoint import count_params, save_model
+    from nanogpt_jax.convert import convert
+
+    if Path(flags.out_dir).exists() and not flags.force:
+        raise UserError(f"{flags.out_dir} already exists (pass --force to overwrite it)")
+    converted = convert(flags.from_, flags.meta)
+    path = save_model(
+        flags.out_dir,
+        converted.params,
+        converted.config,
+        converted.tokenizer,
+        info={"source": converted.source},
+        overwrite=flags.force,
+    )
+    print(
+        f"converted {converted.source}: {count_params(converted.params) / 1e6:.2f}M parameters, "
+        f"{converted.config}",
+        file=sys.stderr,
+    )
+    print(path)
+
+
+def entry_point() -> None:
+    run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

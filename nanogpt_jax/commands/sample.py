@@ -1,0 +1,125 @@
+"""Sample from a model: nanoGPT's sample.py flags, plus top_p, min_p, stop, stream and more.
+
+python scripts/sample.py --init_from=shakespeare-char --start="ROMEO:"
+python scripts/sample.py --out_dir=out-shakespeare-char --num_samples=1 --top_k=50
+python scripts/sample.py --init_from=gpt2-xl --start=FILE:prompt.txt --dtype=bfloat16
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanogpt_jax.commands import run, select_platform
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.flags import parse_flags
+
+SEPARATOR = "---------------"
+
+
+def doc(text: str):
+    return field(metadata={"help": text})
+
+
+@dataclass
+class SampleFlags:
+    init_from: str = "resume"  # resume | gpt2 ... gpt2-xl | shakespeare-char | a checkpoint dir
+    out_dir: str = "out"  # the checkpoint read by --init_from=resume
+    start: str = "\n"  # prompt text, or FILE:path to read it from a file
+    num_samples: int = 10
+    max_new_tokens: int = 500
+    temperature: float = 0.8  # 0 is greedy decoding
+    top_k: int | None = 200  # None disables top-k
+    top_p: float = 1.0  # nucleus sampling; 1.0 disables it
+    min_p: float = 0.0  # keep tokens with prob >= min_p * max prob; 0 disables it
+    stop: str | None = None  # end a sample at this string (e.g. <|endoftext|>)
+    seed: int = 1337
+    batch_size: int | None = None  # samples generated together (default: all)
+    stream: bool = False  # print text as it is generated, one sample at a time
+    device: str | None = None  # cpu | gpu | tpu (default: JAX's default backend)
+    dtype: str | None = None  # float32 | bfloat16 | float16 (default: float32 on cpu)
+
+
+USAGE = "usage: python scripts/sample.py [--key=value ...]"
+
+
+def main(argv: list[str]) -> None:
+    flags = parse_flags(SampleFlags, argv, usage=USAGE)
+    select_platform(flags.device)
+    import jax
+
+    from nanogpt_jax.bundle import load
+
+    dtype = flags.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    if flags.num_samples < 1:
+        raise UserError(f"num_samples must be positive, got {flags.num_samples}")
+    source = flags.out_dir if flags.init_from == "resume" else flags.init_from
+    if flags.init_from == "resume" and not Path(source).is_dir():
+        raise UserError(f"--init_from=resume: no checkpoint directory {source!r} (see --out_dir)")
+    bundle = load(source, dtype=dtype)
+    prompt = read_prompt(flags.start)
+    options = dict(
+        max_new_tokens=flags.max_new_tokens,
+        temperature=flags.temperature,
+        top_k=flags.top_k,
+        top_p=flags.top_p,
+        min_p=flags.min_p,
+        stop=[flags.stop] if flags.stop else [],
+        seed=flags.seed,
+    )
+    prompts = [prompt] * flags.num_samples
+    began = time.perf_counter()
+    if flags.stream:
+        result = stream_samples(bundle, prompts, options)
+    else:
+        result = bundle.generate(prompts, batch_size=flags.batch_size, **options)
+        for text in result.texts:
+            print(text)
+            print(SEPARATOR)
+    total = time.perf_counter() - began
+    print(
+        f"{result.new_token_count} tokens in {total:.2f} s: compile {result.compile_seconds:.2f} s,"
+        f" generation {result.generate_seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s)",
+        file=sys.stderr,
+    )
+
+
+def read_prompt(start: str) -> str:
+    if start.startswith("FILE:"):
+        path = Path(start[len("FILE:") :])
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"--start: no such file {path}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--start: {path} is not UTF-8 text") from None
+    return start
+
+
+def stream_samples(bundle, prompts, options):
+    """Generate samples one at a time, printing text as each chunk of steps arrives."""
+    from nanogpt_jax.generate import merge_generations
+
+    results = []
+    for i, prompt in enumerate(prompts):
+        sys.stdout.write(prompt)
+
+        def show(row, text):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        # sample i keeps its own key stream: row i of the whole request
+        results.append(bundle.generate([prompt], on_text=show, first_row=i, **options))
+        print()
+        print(SEPARATOR, flush=True)
+    return merge_generations(results)
+
+
+def entry_point() -> None:
+    run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

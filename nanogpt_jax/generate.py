@@ -1,0 +1,466 @@
+"""Text generation: prefill the prompts into a KV cache, then decode in one jitted `lax.scan`.
+
+    prompts -> token ids -> crop to block_size -> left-pad to a bucket -> prefill
+            -> scan over new tokens [sample -> write -> model step on the new token] -> text
+
+Compiled programs depend only on shapes: (batch bucket, prompt bucket, new-token bucket) and
+the static sampling switches. Prompt lengths and max_new_tokens inside a bucket, temperature,
+top_k within its power-of-two bucket, top_p, min_p and the seed reuse one program.
+
+Keys: `seed` gives the root key; row i of the request (sample i) draws from its own stream
+`fold_in(root, i)`, and its t-th new token from `fold_in(stream_i, t)`. A sample's tokens thus
+depend on neither its batch, nor the padding around it, nor the number of samples asked for.
+
+Context past block_size: the model sees only the last block_size tokens with positions
+0..block_size-1, exactly as nanoGPT's `generate` crops. Positions then shift with every new
+token, so no cached key or value stays valid: each such step recomputes the whole window
+(a block_size-token forward pass per token, nanoGPT's cost) instead of a one-token cached step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nanogpt_jax.bundle import ModelBundle, as_token_rows, cache_home
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.model import KVCache, init_cache
+from nanogpt_jax.sampling import SamplingParams, next_power_of_two, sample
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 16
+FILL = -1  # written after a row has stopped, and used to pad returned rows
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """The scan carry: what changes from one new token to the next."""
+
+    logits: jax.Array  # (B, V) float32: next-token logits of each row
+    cache: KVCache  # keys/values of the P prompt slots and the new tokens
+    tokens: jax.Array  # (B, P + N) int32: left-padded prompts, then new tokens (FILL once done)
+    done: jax.Array  # (B,) bool: row stopped (stop token, or max_new_tokens reached)
+    bad_logits: jax.Array  # (B,) bool: a row saw NaN or infinite logits
+    step: jax.Array  # () int32: new tokens drawn so far
+
+
+def prompt_positions(start, length):
+    """(B, T) positions of slots 0..length-1 for rows whose real tokens begin at `start`."""
+    return jnp.maximum(jnp.arange(length)[None, :] - start[:, None], 0)
+
+
+def prefill(graphdef, params, tokens, start, *, num_new_slots: int) -> DecodeState:
+    """Run the left-padded prompts (B, P) through the model, filling a fresh cache."""
+    model = nnx.merge(graphdef, params)
+    B, P = tokens.shape
+    # slots for the prompt, plus one per new token while the context still fits block_size
+    num_slots = P + min(num_new_slots, model.config.block_size)
+    cache = init_cache(model.config, B, num_slots, start, model.dtype)
+    logits, cache = model(tokens, prompt_positions(start, P), cache, last_only=True)
+    buffer = jnp.zeros((B, P + num_new_slots), jnp.int32).at[:, :P].set(tokens)
+    return DecodeState(
+        logits=logits[:, -1],
+        cache=cache,
+        tokens=buffer,
+        done=jnp.zeros((B,), bool),
+        bad_logits=jnp.zeros((B,), bool),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def decode(
+    graphdef,
+    params,
+    state: DecodeState,
+    row_keys,
+    sampling: SamplingParams,
+    num_new,
+    stop_ids,
+    *,
+    prompt_slots: int,
+    num_steps: int,
+) -> DecodeState:
+    """Draw `num_steps` more tokens for every row (rows that are done only repeat FILL).
+
+    row_keys: (B,) the key stream of each row. num_new: () tokens wanted per row.
+    stop_ids: (K,) ids that end a row.
+    """
+    model = nnx.merge(graphdef, params)
+    block_size = model.config.block_size
+    prompt_lengths = prompt_slots - state.cache.start  # (B,) real prompt tokens per row
+
+    def cached_forward(token, state: DecodeState) -> DecodeState:
+        slot = prompt_slots + state.step - 1  # == state.cache.index
+        positions = (slot - state.cache.start)[:, None]  # (B, 1)
+        logits, cache = model(token[:, None], positions, state.cache)
+        return dataclasses.replace(state, logits=logits[:, -1], cache=cache)
+
+    def window_forward(token, state: DecodeState) -> DecodeState:
+        # the last block_size tokens of each row, positions starting at 0 (nanoGPT's crop)
+        end = prompt_slots + state.step
+        window = jax.lax.dynamic_slice_in_dim(state.tokens, end - block_size, block_size, 1)
+        start = jnp.maximum(state.cache.start - (end - block_size), 0)  # (B,)
+        window = jnp.maximum(window, 0)  # stopped rows hold FILL; their logits are unused
+        logits, _ = model(window, prompt_positions(start, block_size), start=start, last_only=True)
+        return dataclasses.replace(state, logits=logits[:, -1])
+
+    def step(state: DecodeState, _):
+        # this row's stream, this step: fold_in(fold_in(root, row), step)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, state.step)
+        token = jnp.where(state.done, FILL, sample(state.logits, keys, sampling))  # (B,)
+        bad = ~state.done & ~jnp.all(jnp.isfinite(state.logits), axis=-1)
+        done = state.done | jnp.isin(token, stop_ids) | (state.step + 1 >= num_new)
+        state = DecodeState(
+            logits=state.logits,
+            cache=state.cache,
+            tokens=jax.lax.dynamic_update_slice(
+                state.tokens, token[:, None], (0, prompt_slots + state.step)
+            ),
+            done=done,
+            bad_logits=state.bad_logits | bad,
+            step=state.step + 1,
+        )
+        # next-token logits, unless every row is done
+        more = ~jnp.all(done)
+        if state.tokens.shape[1] <= block_size:  # no row can outgrow the window
+            return run_if(more, functools.partial(cached_forward, token), state), None
+        windowed = jnp.max(prompt_lengths + state.step) > block_size
+        state = run_if(more & ~windowed, functools.partial(cached_forward, token), state)
+        state = run_if(more & windowed, functools.partial(window_forward, token), state)
+        return state, None
+
+    state, _ = jax.lax.scan(step, state, length=num_steps)
+    return state
+
+
+def run_if(predicate, function, operand):
+    """`function(operand)` if `predicate` else `operand`, updating buffers in place.
+
+    `lax.cond` means the same, but XLA then copies every buffer its branches share with the
+    enclosing loop: the whole KV cache, at every step. A while loop that runs at most once
+    updates them where they lie.
+    """
+    _, out = jax.lax.while_loop(
+        lambda carry: carry[0], lambda carry: (False, function(carry[1])), (predicate, operand)
+    )
+    return out
+
+
+@dataclasses.dataclass
+class Engine:
+    """Compiled prefill/decode programs of one model, keyed by shapes and static options."""
+
+    bundle: ModelBundle
+    programs: dict = dataclasses.field(default_factory=dict)
+    compile_seconds: float = 0.0
+
+    @property
+    def compile_count(self) -> int:
+        return len(self.programs)
+
+    def compiled(self, name: str, function: Callable, static: dict, donate: tuple, *args):
+        signature = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), args)
+        key = (name, tuple(sorted(static.items())), str(jax.tree.structure(args)), str(signature))
+        if key not in self.programs:
+            began = time.perf_counter()
+            jitted = jax.jit(
+                function, static_argnums=0, static_argnames=tuple(static), donate_argnames=donate
+            )
+            lowered = jitted.lower(self.bundle.graphdef, *args, **static)
+            self.programs[key] = lowered.compile()
+            self.compile_seconds += time.perf_counter() - began
+        return self.programs[key]
+
+    def prefill(self, tokens, start, num_new_slots):
+        args = (self.bundle.params, tokens, start)
+        program = self.compiled("prefill", prefill, dict(num_new_slots=num_new_slots), (), *args)
+        return program(*args)
+
+    def decode(self, state, row_keys, sampling, num_new, stop_ids, prompt_slots, num_steps):
+        args = (self.bundle.params, state, row_keys, sampling, num_new, stop_ids)
+        static = dict(prompt_slots=prompt_slots, num_steps=num_steps)
+        program = self.compiled("decode", decode, static, ("state",), *args)
+        return program(*args)
+
+
+def engine_of(bundle: ModelBundle) -> Engine:
+    if bundle.engine is None:
+        enable_persistent_compilation_cache()
+        bundle.engine = Engine(bundle)
+    return bundle.engine
+
+
+def enable_persistent_compilation_cache(directory=None) -> None:
+    """Keep compiled programs on disk so the next process skips compilation. Respects a cache
+    directory the user configured for JAX; otherwise uses `$NANOGPT_JAX_HOME/xla`."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory or cache_home() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass
+class Generation:
+    """Generated rows. `tokens` is (rows, longest) int32: prompt then new tokens, right-padded
+    with -1 after rows that stopped early or had shorter prompts; `lengths` are the real ones."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    prompt_lengths: np.ndarray
+    texts: list[str]
+    compile_seconds: float
+    generate_seconds: float
+    prompts: list[str]  # the prompts as text
+
+    @property
+    def new_token_count(self) -> int:
+        return int(np.sum(self.lengths - self.prompt_lengths))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_token_count / max(self.generate_seconds, 1e-9)
+
+    def completions(self) -> list[str]:
+        """Only the generated part of each text."""
+        return [text[len(prefix) :] for text, prefix in zip(self.texts, self.prompts, strict=True)]
+
+
+def generate(
+    bundle: ModelBundle,
+    prompts,
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    stop: Sequence[str | int] = (),
+    seed: int = 0,
+    batch_size: int | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    chunk_size: int | None = None,
+    first_row: int = 0,
+) -> Generation:
+    """Sample continuations of one or many prompts.
+
+    Args:
+      prompts: a string, a list of strings, or a list of token-id lists; lengths may differ.
+        Row i of the request is sample i (repeat a prompt to draw several samples).
+      max_new_tokens: new tokens per row, at most (fewer when a row hits a stop).
+      temperature, top_k, top_p, min_p: see `nanogpt_jax.sampling` (temperature 0 is greedy).
+      stop: strings and/or token ids that end a row; the stop itself is kept in the output.
+      seed: root of all randomness; sample i's text depends only on seed, i and the options.
+      batch_size: rows run together (default: all of them).
+      on_text: streaming callback `(row, new_text)`, called after every chunk of steps.
+      chunk_size: decode steps per compiled call (default: all at once, 8 when streaming).
+      first_row: index of the first prompt's sample in a larger request (its key stream).
+    Returns:
+      a Generation with `.tokens`, `.lengths` and `.texts`.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(seed, int):
+        raise UserError(f"seed must be an integer, got {seed!r}")
+    tokenizer, config = bundle.tokenizer, bundle.config
+    rows = as_token_rows(prompts, tokenizer)
+    if not rows:
+        raise UserError("no prompts given")
+    for row in rows:
+        if not row:
+            raise UserError(
+                "empty prompt: this tokenizer has no beginning-of-text token to start from; "
+                "give at least one character"
+                if tokenizer.eot_id is None
+                else "empty prompt (use '<|endoftext|>' to start from nothing)"
+            )
+        if min(row) < 0 or max(row) >= tokenizer.vocab_size:
+            raise UserError(f"prompt token ids must lie in [0, {tokenizer.vocab_size})")
+    if any(len(row) > config.block_size for row in rows):
+        warnings.warn(
+            f"prompt longer than block_size={config.block_size} tokens: the model sees only "
+            "its last block_size tokens",
+            stacklevel=2,
+        )
+    sampling = SamplingParams.create(temperature, top_k, top_p, min_p, tokenizer.vocab_size)
+    stop_ids, stop_texts = split_stops(stop, tokenizer)
+    batch_size = batch_size or len(rows)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if chunk_size is None:
+        chunk_size = 8 if on_text else (32 if stop_texts else max_new_tokens)
+
+    engine = engine_of(bundle)
+    compile_before = engine.compile_seconds
+    began = time.perf_counter()
+    root = jax.random.key(seed)
+    new_tokens: list[list[int]] = []
+    for first in range(0, len(rows), batch_size):
+        batch = rows[first : first + batch_size]
+        row_ids = range(first, first + len(batch))
+        new_tokens += generate_batch(
+            engine,
+            batch,
+            row_ids,
+            root,
+            sampling,
+            max_new_tokens,
+            stop_ids,
+            stop_texts,
+            next_power_of_two(len(batch)),
+            chunk_size,
+            on_text,
+        )
+    elapsed = time.perf_counter() - began
+    compile_seconds = engine.compile_seconds - compile_before
+    return assemble(rows, new_tokens, tokenizer, compile_seconds, elapsed - compile_seconds)
+
+
+def split_stops(stop, tokenizer) -> tuple[jax.Array, list[str]]:
+    """Token ids stop on the device; strings are matched on the decoded text, except special
+    tokens such as '<|endoftext|>', which are ids."""
+    if isinstance(stop, str | int):
+        stop = [stop]
+    ids, texts = [], []
+    for item in stop:
+        if isinstance(item, int) and not isinstance(item, bool):
+            ids.append(item)
+        elif isinstance(item, str) and item:
+            if item == "<|endoftext|>" and tokenizer.eot_id is not None:
+                ids.append(tokenizer.eot_id)
+            else:
+                texts.append(item)
+        else:
+            raise UserError(f"stop must be non-empty strings or token ids, got {item!r}")
+    return jnp.asarray(ids or [FILL], jnp.int32), texts
+
+
+def generate_batch(
+    engine,
+    batch,
+    row_ids,
+    root,
+    sampling,
+    max_new_tokens,
+    stop_ids,
+    stop_texts,
+    padded_rows,
+    chunk_size,
+    on_text,
+) -> list[list[int]]:
+    """New tokens for each row of one batch (the rows' prompts are `batch`)."""
+    config, tokenizer = engine.bundle.config, engine.bundle.tokenizer
+    cropped = [row[-config.block_size :] for row in batch]
+    prompt_slots = max(MIN_PROMPT_BUCKET, next_power_of_two(max(map(len, cropped))))
+    new_slots = max(MIN_NEW_TOKENS_BUCKET, next_power_of_two(max_new_tokens))
+    chunk_size = min(chunk_size, new_slots)
+    # padding rows repeat the first prompt; their output is dropped
+    padded = cropped + [cropped[0]] * (padded_rows - len(cropped))
+    tokens = np.zeros((padded_rows, prompt_slots), np.int32)
+    start = np.zeros((padded_rows,), np.int32)
+    for b, row in enumerate(padded):
+        tokens[b, prompt_slots - len(row) :] = row
+        start[b] = prompt_slots - len(row)
+    ids = list(row_ids) + [row_ids[0]] * (padded_rows - len(cropped))
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.asarray(ids))
+
+    state = engine.prefill(jnp.asarray(tokens), jnp.asarray(start), new_slots)
+    num_new = jnp.int32(max_new_tokens)
+    emitted = [0] * len(batch)
+    steps = 0
+    while steps < max_new_tokens:
+        state = engine.decode(
+            state, row_keys, sampling, num_new, stop_ids, prompt_slots, chunk_size
+        )
+        steps += chunk_size
+        if bool(np.any(np.asarray(state.bad_logits))):
+            raise UserError("the model produced NaN or infinite logits; the checkpoint is broken")
+        if not (on_text or stop_texts) and steps < max_new_tokens:
+            if bool(np.all(np.asarray(state.done))):
+                break
+            continue
+        new = new_rows(np.asarray(state.tokens)[: len(batch), prompt_slots:][:, :max_new_tokens])
+        stopped = [stop_index(tokenizer, row, stop_texts) for row in new]
+        if on_text:
+            finished = steps >= max_new_tokens or bool(np.all(np.asarray(state.done)))
+            for b, row in enumerate(new):
+                text = tokenizer.decode(row[: stopped[b]])
+                if not finished:  # hold back a character whose bytes are not all there yet
+                    text = text.rstrip("\ufffd")
+                on_text(row_ids[b], text[emitted[b] :])
+                emitted[b] = max(emitted[b], len(text))
+        if any(s is not None for s in stopped):
+            done = np.asarray(state.done).copy()
+            done[: len(batch)] |= [s is not None for s in stopped]
+            state = dataclasses.replace(state, done=jnp.asarray(done))
+        if bool(np.all(np.asarray(state.done))):
+            break
+    new = new_rows(np.asarray(state.tokens)[: len(batch), prompt_slots:][:, :max_new_tokens])
+    return [row[: stop_index(tokenizer, row, stop_texts)] for row in new]
+
+
+def new_rows(tokens: np.ndarray) -> list[list[int]]:
+    """Each row's new tokens, up to the first FILL."""
+    out = []
+    for row in tokens:
+        end = np.flatnonzero(row == FILL)
+        out.append(row[: end[0] if end.size else len(row)].tolist())
+    return out
+
+
+def stop_index(tokenizer, tokens: list[int], stop_texts: list[str]) -> int | None:
+    """Length of the shortest prefix of `tokens` whose text contains a stop string, if any."""
+    if not stop_texts:
+        return None
+    text = tokenizer.decode(tokens)
+    if not any(s in text for s in stop_texts):
+        return None
+    for n in range(1, len(tokens) + 1):
+        prefix = tokenizer.decode(tokens[:n])
+        if any(s in prefix for s in stop_texts):
+            return n
+    return None
+
+
+def merge_generations(parts: list[Generation]) -> Generation:
+    """One Generation from several, rows in order."""
+    width = max(part.tokens.shape[1] for part in parts)
+    return Generation(
+        tokens=np.concatenate(
+            [
+                np.pad(p.tokens, ((0, 0), (0, width - p.tokens.shape[1])), constant_values=FILL)
+                for p in parts
+            ]
+        ),
+        lengths=np.concatenate([p.lengths for p in parts]),
+        prompt_lengths=np.concatenate([p.prompt_lengths for p in parts]),
+        texts=[t for p in parts for t in p.texts],
+        compile_seconds=sum(p.compile_seconds for p in parts),
+        generate_seconds=sum(p.generate_seconds for p in parts),
+        prompts=[t for p in parts for t in p.prompts],
+    )
+
+
+def assemble(rows, new_tokens, tokenizer, compile_seconds, generate_seconds) -> Generation:
+    full = [row + new for row, new in zip(rows, new_tokens, strict=True)]
+    lengths = np.array([len(r) for r in full])
+    tokens = np.full((len(full), lengths.max()), FILL, np.int32)
+    for i, row in enumerate(full):
+        tokens[i, : len(row)] = row
+    return Generation(
+        tokens=tokens,
+        lengths=lengths,
+        prompt_lengths=np.array([len(r) for r in rows]),
+        texts=[tokenizer.decode(r) for r in full],
+        compile_seconds=compile_seconds,
+        generate_seconds=generate_seconds,
+        prompts=[tokenizer.decode(r) for r in rows],
+    )

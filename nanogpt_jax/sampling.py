@@ -1,0 +1,155 @@
+"""Next-token selection: small pure functions of (logits, key).
+
+Order, as in Hugging Face and nanoGPT: temperature -> top-k -> top-p -> min-p -> draw.
+Each filter sets the logits of removed tokens to -inf; the draw is a categorical sample from
+what is left. All of it runs in float32, whatever dtype the model computes in.
+
+Ties: a filter keeps every token whose logit equals its cut-off value, so top_k=k may keep more
+than k tokens when several share the k-th largest logit (as `torch.topk` thresholding does in
+nanoGPT), and top-p keeps all tokens tied with the last one needed to reach mass p. Greedy
+decoding (temperature 0) picks the lowest id among tied maxima.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from nanogpt_jax.errors import UserError
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Traced values change without recompiling; the static ones set shapes or skip work."""
+
+    temperature: jax.Array  # () float32; 0 means greedy
+    top_k: jax.Array  # () int32; ignored when top_k_bucket == 0
+    top_p: jax.Array  # () float32; 1 keeps everything
+    min_p: jax.Array  # () float32; 0 keeps everything
+    top_k_bucket: int = dataclasses.field(default=0, metadata=dict(static=True))
+    use_top_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @classmethod
+    def create(
+        cls,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        vocab_size: int | None = None,
+    ) -> SamplingParams:
+        check_sampling_options(temperature, top_k, top_p, min_p)
+        if top_k is not None and vocab_size is not None:
+            top_k = min(top_k, vocab_size)
+        # top-k reads the k-th largest logit through lax.top_k over a power-of-two bucket, so
+        # top_k=50 and top_k=60 share one compiled program
+        bucket = 0 if top_k is None else next_power_of_two(top_k)
+        if vocab_size is not None:
+            bucket = min(bucket, vocab_size)
+        return cls(
+            temperature=jnp.float32(temperature),
+            top_k=jnp.int32(top_k or 0),
+            top_p=jnp.float32(top_p),
+            min_p=jnp.float32(min_p),
+            top_k_bucket=bucket,
+            use_top_p=top_p < 1.0,
+        )
+
+
+def check_sampling_options(temperature, top_k, top_p, min_p) -> None:
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or temperature < 0:
+        raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+        raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
+        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not (isinstance(min_p, int | float) and 0.0 <= min_p <= 1.0):
+        raise UserError(f"min_p must be in [0, 1], got {min_p!r}")
+
+
+def apply_temperature(logits, params: SamplingParams):
+    # temperature 0 is handled by greedy selection in `sample`; divide by 1 instead of 0 here
+    safe = jnp.where(params.temperature > 0, params.temperature, 1.0)
+    return logits / safe
+
+
+def apply_top_k(logits, params: SamplingParams):
+    if not params.top_k_bucket:
+        return logits
+    values, _ = jax.lax.top_k(logits, params.top_k_bucket)  # (B, bucket), descending
+    kth = jnp.take(values, params.top_k - 1, axis=-1)  # (B,)
+    return jnp.where(logits < kth[:, None], -jnp.inf, logits)
+
+
+def apply_top_p(logits, params: SamplingParams):
+    """Nucleus filter: keep the smallest set of most likely tokens whose mass reaches top_p.
+
+    That set is {logit >= t}, t the largest logit value with mass(logits >= t) >= top_p. t is
+    found by bisection over the float32 bit patterns (32 passes over the vocabulary, exact):
+    sorting 50k logits per row per step costs far more.
+    """
+    if not params.use_top_p:
+        return logits
+    probs = jax.nn.softmax(logits, axis=-1)  # (B, V); removed tokens have 0
+    keys = ordered_bits(logits)  # (B, V) uint32, same order as the logits
+
+    def bisect(_, bounds):
+        lo, hi = bounds  # mass(keys >= lo) >= top_p, mass(keys >= hi) < top_p (hi may be max+1)
+        mid = lo + (hi - lo) // 2
+        mass = jnp.sum(jnp.where(keys >= mid[:, None], probs, 0.0), axis=-1)
+        enough = mass >= params.top_p
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    B = logits.shape[0]
+    lo = jnp.zeros((B,), jnp.uint32)
+    hi = jnp.full((B,), jnp.iinfo(jnp.uint32).max, jnp.uint32)
+    lo, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
+    return jnp.where(keys < lo[:, None], -jnp.inf, logits)
+
+
+def ordered_bits(x):
+    """float32 -> uint32 with the same order (negative floats reversed, sign bit flipped)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def apply_min_p(logits, params: SamplingParams):
+    """Keep tokens with prob >= min_p * max prob, i.e. logit >= max logit + log(min_p)."""
+    cutoff = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(params.min_p)  # -inf when 0
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def filter_logits(logits, params: SamplingParams):
+    """Float32 logits (B, V) with every token the filters remove set to -inf."""
+    logits = apply_temperature(logits.astype(jnp.float32), params)
+    logits = apply_top_k(logits, params)
+    logits = apply_top_p(logits, params)
+    return apply_min_p(logits, params)
+
+
+def draw(logits, key):
+    """One categorical draw from logits (V,) by inverse CDF: a single uniform per row instead of
+    the V Gumbel variates `jax.random.categorical` generates."""
+    probs = jax.nn.softmax(logits)
+    cdf = jnp.cumsum(probs)
+    u = jax.random.uniform(key) * cdf[-1]
+    # the first token whose cdf exceeds u; a token of probability 0 never is
+    index = jnp.sum(cdf <= u)
+    return jnp.where(index < logits.shape[0], index, jnp.argmax(logits))
+
+
+def sample(logits, keys, params: SamplingParams):
+    """One token id per row. logits: (B, V); keys: (B,) typed PRNG keys, one per row."""
+    logits = logits.astype(jnp.float32)
+    drawn = jax.vmap(draw)(filter_logits(logits, params), keys)
+    greedy = jnp.argmax(logits, axis=-1)
+    return jnp.where(params.temperature > 0, drawn, greedy).astype(jnp.int32)

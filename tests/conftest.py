@@ -1,0 +1,168 @@
+"""Shared fixtures: tiny random models in every supported on-disk format."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHAKESPEARE = SHARED / "data" / "shakespeare_char" / "input.txt"
+
+# GPT-2's BPE ranks come from a local tiktoken cache: tests never download anything.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache_home(tmp_path_factory):
+    """Converted presets and compiled programs go to a temporary directory, not ~/.cache."""
+    home = tmp_path_factory.mktemp("nanogpt_jax_home")
+    os.environ["NANOGPT_JAX_HOME"] = str(home)
+    yield home
+
+
+def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = None):
+    """Run scripts/<name>.py in a fresh process; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(result, *fragments: str):
+    """A failed command: non-zero exit, one `error:` line on stderr naming `fragments`."""
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def hf_gpt2(seed=0, **overrides):
+    """A random Hugging Face GPT2LMHeadModel with a tiny config."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=50257,
+        activation_function="gelu_new",
+    )
+    config.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+
+
+def write_hub_layout(model, directory: Path) -> Path:
+    """What the hub's openai-community/gpt2 repos hold: keys without `transformer.`, the causal
+    mask buffers `h.N.attn.bias` and `attn.masked_bias`, and the tied `lm_head.weight`."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(directory / "config.json")
+    state = {}
+    n_positions = model.config.n_positions
+    for name, tensor in model.state_dict().items():
+        state[name.removeprefix("transformer.")] = tensor.clone().contiguous()
+    for i in range(model.config.n_layer):
+        mask = torch.tril(torch.ones(n_positions, n_positions)).view(1, 1, n_positions, n_positions)
+        state[f"h.{i}.attn.bias"] = mask
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    state["lm_head.weight"] = state["wte.weight"].clone()
+    save_file(state, directory / "model.safetensors")
+    return directory
+
+
+def write_nanogpt_checkpoint(directory: Path, config, chars=None, seed=0, compiled=True):
+    """A nanoGPT-style ckpt.pt written from the torch reference model (keys prefixed with
+    torch.compile's `_orig_mod.`), plus a meta.pkl when `chars` is given. Returns the model."""
+    import torch
+
+    from nanogpt_jax.torch_reference import GPT as TorchGPT
+
+    torch.manual_seed(seed)
+    model = TorchGPT(config).eval()
+    with torch.no_grad():  # make biases and LayerNorms non-trivial so a dropped one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    prefix = "_orig_mod." if compiled else ""
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    model_args = dict(
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        block_size=config.block_size,
+        bias=config.bias,
+        vocab_size=config.vocab_size,
+        dropout=0.0,
+    )
+    checkpoint = dict(
+        model=state,
+        model_args=model_args,
+        iter_num=10,
+        best_val_loss=torch.tensor(2.5),
+        config=dict(dataset="shakespeare_char", learning_rate=1e-3),
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, directory / "ckpt.pt")
+    if chars is not None:
+        from nanogpt_jax.tokenizer import write_meta_pkl
+
+        write_meta_pkl(directory / "meta.pkl", chars)
+    return model
+
+
+@pytest.fixture(scope="session")
+def shakespeare_chars():
+    return sorted(set(SHAKESPEARE.read_text()))
+
+
+@pytest.fixture(scope="session")
+def char_checkpoint(tmp_path_factory, shakespeare_chars):
+    """A converted random char-level model (65 symbols, block_size 32)."""
+    from nanogpt_jax.checkpoint import save_model
+    from nanogpt_jax.config import GPTConfig
+    from nanogpt_jax.convert import convert
+
+    directory = tmp_path_factory.mktemp("char_ckpt")
+    config = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=False)
+    write_nanogpt_checkpoint(directory / "torch", config, chars=shakespeare_chars)
+    converted = convert(str(directory / "torch" / "ckpt.pt"))
+    return save_model(directory / "model", converted.params, converted.config, converted.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def gpt2_checkpoint(tmp_path_factory):
+    """A converted random GPT-2-vocabulary model (block_size 64) and its torch original."""
+    from nanogpt_jax.checkpoint import save_model
+    from nanogpt_jax.convert import convert
+
+    directory = tmp_path_factory.mktemp("gpt2_ckpt")
+    model = hf_gpt2()
+    model.save_pretrained(directory / "hf")
+    converted = convert(str(directory / "hf"))
+    path = save_model(directory / "model", converted.params, converted.config, converted.tokenizer)
+    return path, model
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def pickle_bytes(obj) -> bytes:
+    return pickle.dumps(obj)

@@ -1,0 +1,206 @@
+"""PyTorch -> Flax conversion: logits parity with Hugging Face GPT-2 and nanoGPT, round trips,
+and clear errors for bad sources."""
+
+import json
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from conftest import (
+    assert_one_line_error,
+    hf_gpt2,
+    max_abs_diff,
+    run_script,
+    write_hub_layout,
+    write_nanogpt_checkpoint,
+)
+
+import nanogpt_jax
+from nanogpt_jax.bundle import make_bundle
+from nanogpt_jax.checkpoint import METADATA_FILE, load_params, read_metadata, save_model
+from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.convert import convert
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.tokenizer import CharTokenizer
+
+TOLERANCE = 1e-4  # max |logit difference| allowed against PyTorch, float32
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        out = model(torch.tensor(ids))
+    return (out.logits if hasattr(out, "logits") else out).numpy()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(activation_function="gelu_new"),
+        dict(activation_function="gelu"),
+        dict(n_head=3, n_embd=48),  # three heads of 16
+        dict(n_head=5, n_embd=40, n_layer=3),  # an odd head count
+    ],
+    ids=["gelu_new", "gelu", "3-heads", "5-heads"],
+)
+def test_hf_logits_match_transformers(tmp_path, overrides):
+    model = hf_gpt2(seed=1, **overrides)
+    model.save_pretrained(tmp_path)  # recent transformers: `transformer.` keys, no lm_head
+    converted = convert(str(tmp_path))
+    assert converted.config.activation_function == overrides.get("activation_function", "gelu_new")
+    bundle = make_bundle(converted.config, converted.tokenizer, converted.params)
+    ids = np.random.default_rng(0).integers(0, 50257, (3, 40))
+    diff = max_abs_diff(bundle.logits(ids), torch_logits(model, ids))
+    print(f"max |logit diff| vs transformers {overrides}: {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+def test_hub_layout_and_pytorch_bin_convert_identically(tmp_path):
+    model = hf_gpt2(seed=2)
+    hub = write_hub_layout(model, tmp_path / "hub")
+    # an older pytorch_model.bin: hub-style names and buffers, pickled by torch
+    (tmp_path / "bin").mkdir()
+    model.config.to_json_file(tmp_path / "bin" / "config.json")
+    from safetensors.torch import load_file
+
+    torch.save(load_file(hub / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    from_hub, from_bin = convert(str(hub)), convert(str(tmp_path / "bin"))
+    ids = np.random.default_rng(1).integers(0, 50257, (2, 64))
+    reference = torch_logits(model, ids)
+    for converted in (from_hub, from_bin):
+        bundle = make_bundle(converted.config, converted.tokenizer, converted.params)
+        assert max_abs_diff(bundle.logits(ids), reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nanogpt_checkpoint_matches_torch(tmp_path, shakespeare_chars, bias):
+    config = GPTConfig(block_size=48, vocab_size=96, n_layer=2, n_head=3, n_embd=48, bias=bias)
+    torch_model = write_nanogpt_checkpoint(tmp_path, config, chars=shakespeare_chars)
+    converted = convert(str(tmp_path / "ckpt.pt"))
+    assert converted.config.bias is bias
+    assert converted.config.activation_function == "gelu"  # nanoGPT trains with exact GELU
+    assert isinstance(converted.tokenizer, CharTokenizer)
+    assert converted.tokenizer.vocab_size == 65 < converted.config.vocab_size
+    path = save_model(tmp_path / "out", converted.params, converted.config, converted.tokenizer)
+    bundle = nanogpt_jax.load(path)
+    ids = np.random.default_rng(2).integers(0, 96, (2, 48))
+    diff = max_abs_diff(bundle.logits(ids), torch_logits(torch_model, ids))
+    print(f"max |logit diff| vs torch nanoGPT (bias={bias}): {diff:.2e}")
+    assert diff <= TOLERANCE
+    assert bundle.tokenizer.decode(bundle.tokenizer.encode("ROMEO:")) == "ROMEO:"
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    model = hf_gpt2(seed=3)
+    model.save_pretrained(tmp_path / "hf")
+    converted = convert(str(tmp_path / "hf"))
+    path = save_model(tmp_path / "ckpt", converted.params, converted.config, converted.tokenizer)
+    config, tokenizer, _ = read_metadata(path)
+    assert config == converted.config
+    restored = load_params(path, config)
+    flat_a = dict(_flatten(converted.params))
+    flat_b = dict(_flatten(restored))
+    assert flat_a.keys() == flat_b.keys()
+    for name in flat_a:
+        assert np.array_equal(np.asarray(flat_a[name]), np.asarray(flat_b[name])), name
+    # the HF weights themselves survive exactly (Conv1D stores the transpose of ours)
+    hf_weight = model.transformer.h[1].mlp.c_fc.weight.detach().numpy()
+    assert np.array_equal(np.asarray(restored["h"][1]["mlp"]["c_fc"]["weight"]), hf_weight.T)
+
+
+def test_plain_orbax_restores_the_params(tmp_path):
+    model = hf_gpt2(seed=4)
+    model.save_pretrained(tmp_path / "hf")
+    converted = convert(str(tmp_path / "hf"))
+    path = save_model(tmp_path / "ckpt", converted.params, converted.config, converted.tokenizer)
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(path / "params")
+    wte = np.asarray(tree["wte"]["embedding"])
+    assert np.array_equal(wte, model.transformer.wte.weight.detach().numpy())
+    meta = json.loads((path / METADATA_FILE).read_text())
+    assert meta["config"]["n_layer"] == 2 and meta["tokenizer"]["kind"] == "gpt2"
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    model = hf_gpt2(seed=5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_embd"] = 64  # the weights are 32 wide
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"shape mismatch for h\.0\.attn\.c_attn\.bias: .*\(96,\)"):
+        convert(str(tmp_path))
+
+
+def test_untied_lm_head_is_refused(tmp_path):
+    model = hf_gpt2(seed=6)
+    hub = write_hub_layout(model, tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(hub / "model.safetensors")
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    save_file(state, hub / "model.safetensors")
+    with pytest.raises(UserError, match="untied"):
+        convert(str(hub))
+
+
+def test_convert_cli_writes_a_loadable_checkpoint(tmp_path, shakespeare_chars):
+    config = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16)
+    write_nanogpt_checkpoint(tmp_path / "run", config, chars=shakespeare_chars)
+    result = run_script(
+        "convert", f"--from={tmp_path / 'run' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'ckpt'}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "ckpt")
+    bundle = nanogpt_jax.load(tmp_path / "ckpt")
+    assert bundle.config.vocab_size == 65 and bundle.tokenizer.vocab_size == 65
+
+
+def test_convert_cli_bad_inputs(tmp_path, shakespeare_chars):
+    missing = run_script("convert", f"--from={tmp_path / 'nope.pt'}", f"--out_dir={tmp_path / 'x'}")
+    assert_one_line_error(missing, "nope.pt")
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    wrong_format = run_script("convert", f"--from={junk}", f"--out_dir={tmp_path / 'x'}")
+    assert_one_line_error(wrong_format, "junk.pt")
+
+    unknown_preset = run_script("convert", "--from=gpt3", f"--out_dir={tmp_path / 'x'}")
+    assert_one_line_error(unknown_preset, "gpt3", "gpt2-xl")
+
+    hf = tmp_path / "hf"
+    hf_gpt2(seed=7).save_pretrained(hf)
+    config = json.loads((hf / "config.json").read_text())
+    config["n_layer"] = 3
+    (hf / "config.json").write_text(json.dumps(config))
+    mismatch = run_script("convert", f"--from={hf}", f"--out_dir={tmp_path / 'x'}")
+    assert_one_line_error(mismatch, "h.2.")
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    config = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16)
+    write_nanogpt_checkpoint(tmp_path / "run", config, chars=shakespeare_chars)
+    refused = run_script(
+        "convert", f"--from={tmp_path / 'run' / 'ckpt.pt'}", f"--out_dir={existing}"
+    )
+    assert_one_line_error(refused, "--force")
+    assert (existing / "keep.txt").read_text() == "precious"
+
+    unknown_flag = run_script("convert", "--form=gpt2", f"--out_dir={tmp_path / 'x'}")
+    assert_one_line_error(unknown_flag, "--form")
+    assert not (tmp_path / "x").exists()
+
+
+def test_preset_download_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="Hugging Face hub"):
+        convert("gpt2")
+
+
+def _flatten(tree, prefix=""):
+    for key, value in tree.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, name)
+        else:
+            yield name, value
