@@ -47,7 +47,7 @@ class DecodeState:
 
     logits: jax.Array  # (B, V) float32: next-token logits of each row
     cache: KVCache  # keys/values of the P prompt slots and the new tokens
-    tokens: jax.Array  # (B, P + N) int32: left-padded prompts, then new tokens (FILL once done)
+    tokens: jax.Array  # (B, P + N) int32: left-padded prompts, then new tokens (FILL: none yet)
     done: jax.Array  # (B,) bool: row stopped (stop token, or max_new_tokens reached)
     bad_logits: jax.Array  # (B,) bool: a row saw NaN or infinite logits
     step: jax.Array  # () int32: new tokens drawn so far
@@ -66,7 +66,7 @@ def prefill(graphdef, params, tokens, start, *, num_new_slots: int) -> DecodeSta
     num_slots = P + min(num_new_slots, model.config.block_size)
     cache = init_cache(model.config, B, num_slots, start, model.dtype)
     logits, cache = model(tokens, prompt_positions(start, P), cache, last_only=True)
-    buffer = jnp.zeros((B, P + num_new_slots), jnp.int32).at[:, :P].set(tokens)
+    buffer = jnp.full((B, P + num_new_slots), FILL, jnp.int32).at[:, :P].set(tokens)
     return DecodeState(
         logits=logits[:, -1],
         cache=cache,
@@ -88,11 +88,13 @@ def decode(
     *,
     prompt_slots: int,
     num_steps: int,
+    vocab_size: int,
 ) -> DecodeState:
     """Draw `num_steps` more tokens for every row (rows that are done only repeat FILL).
 
     row_keys: (B,) the key stream of each row. num_new: () tokens wanted per row.
-    stop_ids: (K,) ids that end a row.
+    stop_ids: (K,) ids that end a row. vocab_size: the tokenizer's; ids of a padded embedding
+    beyond it are never drawn.
     """
     model = nnx.merge(graphdef, params)
     block_size = model.config.block_size
@@ -116,7 +118,8 @@ def decode(
     def step(state: DecodeState, _):
         # this row's stream, this step: fold_in(fold_in(root, row), step)
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, state.step)
-        token = jnp.where(state.done, FILL, sample(state.logits, keys, sampling))  # (B,)
+        drawn = sample(state.logits[:, :vocab_size], keys, sampling)
+        token = jnp.where(state.done, FILL, drawn)  # (B,)
         bad = ~state.done & ~jnp.all(jnp.isfinite(state.logits), axis=-1)
         done = state.done | jnp.isin(token, stop_ids) | (state.step + 1 >= num_new)
         state = DecodeState(
@@ -187,7 +190,8 @@ class Engine:
 
     def decode(self, state, row_keys, sampling, num_new, stop_ids, prompt_slots, num_steps):
         args = (self.bundle.params, state, row_keys, sampling, num_new, stop_ids)
-        static = dict(prompt_slots=prompt_slots, num_steps=num_steps)
+        vocab_size = self.bundle.tokenizer.vocab_size
+        static = dict(prompt_slots=prompt_slots, num_steps=num_steps, vocab_size=vocab_size)
         program = self.compiled("decode", decode, static, ("state",), *args)
         return program(*args)
 
@@ -296,6 +300,8 @@ def generate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     if chunk_size is None:
+        # one scan over the whole new-token bucket (steps past max_new_tokens are skipped), or
+        # chunks when the host must look at the text in between
         chunk_size = 8 if on_text else (32 if stop_texts else max_new_tokens)
 
     engine = engine_of(bundle)
@@ -305,19 +311,18 @@ def generate(
     new_tokens: list[list[int]] = []
     for first in range(0, len(rows), batch_size):
         batch = rows[first : first + batch_size]
-        row_ids = range(first, first + len(batch))
         new_tokens += generate_batch(
             engine,
             batch,
-            row_ids,
-            root,
-            sampling,
-            max_new_tokens,
-            stop_ids,
-            stop_texts,
-            next_power_of_two(len(batch)),
-            chunk_size,
-            on_text,
+            row_ids=range(first_row + first, first_row + first + len(batch)),
+            padded_rows=min(batch_size, len(rows)),  # the last batch is padded to the same shape
+            root=root,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            stop_texts=stop_texts,
+            chunk_size=chunk_size,
+            on_text=on_text,
         )
     elapsed = time.perf_counter() - began
     compile_seconds = engine.compile_seconds - compile_before
@@ -344,16 +349,17 @@ def split_stops(stop, tokenizer) -> tuple[jax.Array, list[str]]:
 
 
 def generate_batch(
-    engine,
-    batch,
-    row_ids,
+    engine: Engine,
+    batch: list[list[int]],
+    *,
+    row_ids: range,
+    padded_rows: int,
     root,
-    sampling,
-    max_new_tokens,
+    sampling: SamplingParams,
+    max_new_tokens: int,
     stop_ids,
-    stop_texts,
-    padded_rows,
-    chunk_size,
+    stop_texts: list[str],
+    chunk_size: int,
     on_text,
 ) -> list[list[int]]:
     """New tokens for each row of one batch (the rows' prompts are `batch`)."""
@@ -361,7 +367,7 @@ def generate_batch(
     cropped = [row[-config.block_size :] for row in batch]
     prompt_slots = max(MIN_PROMPT_BUCKET, next_power_of_two(max(map(len, cropped))))
     new_slots = max(MIN_NEW_TOKENS_BUCKET, next_power_of_two(max_new_tokens))
-    chunk_size = min(chunk_size, new_slots)
+    chunk_size = min(next_power_of_two(chunk_size), new_slots)
     # padding rows repeat the first prompt; their output is dropped
     padded = cropped + [cropped[0]] * (padded_rows - len(cropped))
     tokens = np.zeros((padded_rows, prompt_slots), np.int32)
@@ -387,7 +393,9 @@ def generate_batch(
             if bool(np.all(np.asarray(state.done))):
                 break
             continue
-        new = new_rows(np.asarray(state.tokens)[: len(batch), prompt_slots:][:, :max_new_tokens])
+        new = new_rows(
+            np.asarray(state.tokens)[: len(batch), prompt_slots:][:, : min(steps, max_new_tokens)]
+        )
         stopped = [stop_index(tokenizer, row, stop_texts) for row in new]
         if on_text:
             finished = steps >= max_new_tokens or bool(np.all(np.asarray(state.done)))
@@ -403,7 +411,9 @@ def generate_batch(
             state = dataclasses.replace(state, done=jnp.asarray(done))
         if bool(np.all(np.asarray(state.done))):
             break
-    new = new_rows(np.asarray(state.tokens)[: len(batch), prompt_slots:][:, :max_new_tokens])
+    new = new_rows(
+        np.asarray(state.tokens)[: len(batch), prompt_slots:][:, : min(steps, max_new_tokens)]
+    )
     return [row[: stop_index(tokenizer, row, stop_texts)] for row in new]
 
 

@@ -1,0 +1,227 @@
+"""The sampling engine: cached decoding equals recomputation, greedy equals transformers,
+reproducible key streams, one compile per bucket, stops, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import hf_gpt2, max_abs_diff
+from flax import nnx
+
+import nanogpt_jax
+from nanogpt_jax.bundle import make_bundle
+from nanogpt_jax.checkpoint import params_of
+from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.convert import convert
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.generate import FILL, engine_of
+from nanogpt_jax.model import GPT
+from nanogpt_jax.sampling import SamplingParams
+from nanogpt_jax.tokenizer import CharTokenizer
+
+
+@pytest.fixture(scope="module")
+def gpt2_bundle(gpt2_checkpoint):
+    path, torch_model = gpt2_checkpoint
+    return nanogpt_jax.load(path), torch_model
+
+
+@pytest.fixture(scope="module")
+def char_bundle(char_checkpoint):
+    return nanogpt_jax.load(char_checkpoint)
+
+
+def stepwise_logits(bundle, rows, steps):
+    """Next-token logits after each greedy step, read from the engine's cached decode."""
+    engine = engine_of(bundle)
+    prompt_slots = 16
+    tokens = np.zeros((len(rows), prompt_slots), np.int32)
+    start = np.array([prompt_slots - len(r) for r in rows], np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, start[b] :] = row
+    state = engine.prefill(jnp.asarray(tokens), jnp.asarray(start), 128)
+    keys = jax.random.split(jax.random.key(0), len(rows))
+    greedy = SamplingParams.create(temperature=0.0)
+    history = [np.asarray(state.logits)]
+    for _ in range(steps):
+        state = engine.decode(
+            state, keys, greedy, jnp.int32(10_000), jnp.array([FILL]), prompt_slots, 1
+        )
+        history.append(np.asarray(state.logits))
+    generated = np.asarray(state.tokens)[:, prompt_slots : prompt_slots + steps]
+    return history, generated
+
+
+def test_cached_decode_equals_full_recompute_past_block_size(gpt2_bundle):
+    bundle, _ = gpt2_bundle
+    block_size = bundle.config.block_size  # 64
+    rows = [[11, 22, 33], list(range(100, 113))]
+    steps = 80  # every row crosses block_size
+    history, generated = stepwise_logits(bundle, rows, steps)
+    worst = 0.0
+    for t in range(steps + 1):
+        for b, row in enumerate(rows):
+            context = (row + generated[b, :t].tolist())[-block_size:]  # nanoGPT's crop
+            # right-padded to one length (one compile); causality hides the padding
+            padded = np.array([context + [0] * (block_size - len(context))])
+            expected = bundle.logits(padded)[0, len(context) - 1]
+            worst = max(worst, max_abs_diff(history[t][b], expected))
+    print(f"max |cached - recomputed| logit difference over {steps} steps: {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def test_greedy_equals_transformers_generate(gpt2_bundle):
+    bundle, hf_model = gpt2_bundle
+    prompts = [[464, 3290, 318], [15496, 11, 616, 1438, 318, 257, 1110, 290], [50256]]
+    result = bundle.generate(prompts, max_new_tokens=55, temperature=0.0)  # within block_size
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            expected = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=int),
+                max_new_tokens=55,
+                do_sample=False,
+                pad_token_id=50256,
+                eos_token_id=None,
+            )[0].tolist()
+        assert result.lengths[i] == len(prompt) + 55
+        assert result.tokens[i, : result.lengths[i]].tolist() == expected
+
+
+def test_greedy_past_block_size_equals_nanogpt_crop(gpt2_bundle):
+    bundle, hf_model = gpt2_bundle
+    prompt = list(range(1000, 1050))
+    result = bundle.generate([prompt], max_new_tokens=40, temperature=0.0)
+    ids = list(prompt)
+    for _ in range(40):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids[-64:]])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    assert result.tokens[0].tolist() == ids
+
+
+def test_sample_i_does_not_depend_on_batching(char_bundle):
+    options = dict(max_new_tokens=30, temperature=1.0, top_k=20, seed=7)
+    five = char_bundle.generate(["ROMEO:"] * 5, **options).texts
+    two = char_bundle.generate(["ROMEO:"] * 2, **options).texts
+    split = char_bundle.generate(["ROMEO:"] * 5, batch_size=2, **options).texts
+    assert two == five[:2]
+    assert split == five
+    assert len(set(five)) > 1  # the streams differ from each other
+    other_seed = char_bundle.generate(["ROMEO:"] * 2, **(options | dict(seed=8))).texts
+    assert other_seed != two
+
+
+def test_sample_does_not_depend_on_the_other_prompts(char_bundle):
+    options = dict(max_new_tokens=25, temperature=0.9, seed=3)
+    mixed = char_bundle.generate(["ROMEO:", "A longer prompt, padded less."], **options)
+    alone = char_bundle.generate(["ROMEO:"], **options)
+    assert mixed.texts[0] == alone.texts[0]
+
+
+def test_one_compile_per_bucket(char_bundle):
+    engine = engine_of(char_bundle)
+    char_bundle.generate(["ROMEO:"], max_new_tokens=20, temperature=0.8, top_k=50, seed=1)
+    compiled = engine.compile_count
+    char_bundle.generate(["JULIET: hello"], max_new_tokens=20, temperature=0.8, top_k=50)
+    char_bundle.generate(["KING"], max_new_tokens=31, temperature=0.5, top_k=60, seed=2)
+    char_bundle.generate(["KING"], max_new_tokens=25, temperature=1.2, top_k=33, min_p=0.1)
+    assert engine.compile_count == compiled
+    char_bundle.generate(["KING"], max_new_tokens=25, temperature=1.2, top_k=33, top_p=0.9)
+    assert engine.compile_count == compiled + 1  # top_p < 1 switches the nucleus filter on
+
+
+def test_stop_strings_and_padding(char_bundle):
+    result = char_bundle.generate(
+        ["ROMEO:", "KING:"], max_new_tokens=60, temperature=1.0, seed=5, stop=["e"]
+    )
+    for i in range(2):
+        new = result.texts[i][len(result.prompts[i]) :]
+        if "e" in new:
+            assert new.endswith("e") and new.count("e") == 1
+        row = result.tokens[i]
+        assert np.all(row[result.lengths[i] :] == FILL)
+        assert np.all(row[: result.lengths[i]] >= 0)
+
+
+def test_stop_token_ids_end_rows_on_the_device(gpt2_bundle):
+    bundle, _ = gpt2_bundle
+    free = bundle.generate([[464, 3290]], max_new_tokens=30, temperature=0.0)
+    first_new = int(free.tokens[0, 2])
+    stopped = bundle.generate([[464, 3290]], max_new_tokens=30, temperature=0.0, stop=[first_new])
+    assert stopped.lengths[0] == 3 and stopped.tokens[0, 2] == first_new
+
+
+def test_padded_vocabulary_is_never_drawn(shakespeare_chars):
+    config = GPTConfig(block_size=32, vocab_size=96, n_layer=1, n_head=2, n_embd=16)
+    params = jax.tree.map(np.array, params_of(GPT(config, rngs=nnx.Rngs(0))))
+    params["wte"]["embedding"][65:] *= 1000.0  # padded rows would win every draw
+    bundle = make_bundle(config, CharTokenizer(shakespeare_chars), params)
+    result = bundle.generate(["a"] * 4, max_new_tokens=20, temperature=2.0)
+    assert result.tokens.max() < 65
+    assert np.asarray(bundle.logits([[0]]))[0, -1].argmax() >= 65  # it really was tempted
+
+
+def test_nan_logits_are_an_error(shakespeare_chars):
+    config = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16)
+    params = jax.tree.map(np.array, params_of(GPT(config, rngs=nnx.Rngs(0))))
+    params["ln_f"]["scale"][:] = np.nan
+    bundle = make_bundle(config, CharTokenizer(shakespeare_chars), params)
+    with pytest.raises(UserError, match="NaN"):
+        bundle.generate(["a"], max_new_tokens=5)
+
+
+def test_prompt_validation(char_bundle, gpt2_bundle):
+    with pytest.raises(UserError, match="outside"):
+        char_bundle.generate(["ROMEO: ©"], max_new_tokens=5)
+    with pytest.raises(UserError, match="empty prompt"):
+        char_bundle.generate([""], max_new_tokens=5)
+    with pytest.raises(UserError, match="max_new_tokens"):
+        char_bundle.generate(["a"], max_new_tokens=0)
+    with pytest.raises(UserError, match="temperature"):
+        char_bundle.generate(["a"], temperature=-1.0)
+    bundle, _ = gpt2_bundle
+    with pytest.warns(UserWarning, match="block_size"):
+        long = bundle.generate([list(range(100, 200))], max_new_tokens=3, temperature=0.0)
+    assert long.lengths[0] == 103 and long.tokens[0, :100].tolist() == list(range(100, 200))
+
+
+def test_non_ascii_prompt_round_trips(gpt2_bundle):
+    bundle, _ = gpt2_bundle
+    result = bundle.generate("你好,我叫", max_new_tokens=5, temperature=0.0)
+    assert result.texts[0].startswith("你好,我叫")
+
+
+def test_streaming_matches_one_shot(char_bundle):
+    pieces = []
+    streamed = char_bundle.generate(
+        ["ROMEO:"], max_new_tokens=40, seed=11, on_text=lambda row, text: pieces.append(text)
+    )
+    one_shot = char_bundle.generate(["ROMEO:"], max_new_tokens=40, seed=11)
+    assert streamed.texts == one_shot.texts
+    assert "ROMEO:" + "".join(pieces) == one_shot.texts[0]
+    assert len(pieces) > 1
+
+
+def test_bfloat16_compute_stays_close(gpt2_bundle, gpt2_checkpoint):
+    bundle, _ = gpt2_bundle
+    low = nanogpt_jax.load(gpt2_checkpoint[0], dtype="bfloat16")
+    ids = np.array([[464, 3290, 318, 257, 1110]])
+    a, b = np.asarray(bundle.logits(ids)), np.asarray(low.logits(ids))
+    assert b.dtype == np.float32
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_convert_hf_for_generation_matches_torch_reference(tmp_path):
+    model = hf_gpt2(seed=9, n_positions=32)
+    model.save_pretrained(tmp_path)
+    converted = convert(str(tmp_path))
+    bundle = make_bundle(converted.config, converted.tokenizer, converted.params)
+    from nanogpt_jax.torch_reference import from_params
+
+    reference = from_params(converted.config, converted.params)
+    prompt = [[5, 6, 7, 8]]
+    expected = reference.generate(torch.tensor(prompt), 40, temperature=0.0)[0].tolist()
+    result = bundle.generate(prompt, max_new_tokens=40, temperature=0.0)
+    assert result.tokens[0].tolist() == expected

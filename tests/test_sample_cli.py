@@ -1,0 +1,80 @@
+"""scripts/sample.py end to end: nanoGPT's output format, reproducibility across processes,
+streaming, the persistent compilation cache, and one-line errors."""
+
+import pytest
+from conftest import assert_one_line_error, run_script
+
+SEPARATOR = "---------------"
+
+
+def sample(checkpoint, *flags, env=None):
+    return run_script("sample", f"--init_from={checkpoint}", *flags, env=env)
+
+
+def test_same_seed_same_text_in_two_processes(char_checkpoint, tmp_path):
+    home = {"NANOGPT_JAX_HOME": str(tmp_path / "home")}
+    flags = ["--start=ROMEO:", "--num_samples=3", "--max_new_tokens=40", "--seed=5"]
+    first = sample(char_checkpoint, *flags, env=home)
+    second = sample(char_checkpoint, *flags, env=home)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    samples = first.stdout.split(SEPARATOR + "\n")
+    assert len(samples) == 4 and samples[-1] == ""  # three samples, each closed by dashes
+    assert all(s.startswith("ROMEO:") for s in samples[:3])
+    assert "tokens/s" in first.stderr and "tokens/s" not in first.stdout
+
+    # the second process found every program in the persistent compilation cache
+    cached = sorted(p.name for p in (tmp_path / "home" / "xla").iterdir())
+    assert cached
+    third = sample(char_checkpoint, *flags, "--temperature=1.1", env=home)
+    assert sorted(p.name for p in (tmp_path / "home" / "xla").iterdir()) == cached
+    assert third.stdout != first.stdout
+
+    other_seed = sample(char_checkpoint, *flags[:-1], "--seed=6", env=home)
+    assert other_seed.stdout != first.stdout
+
+
+def test_streaming_prints_the_same_samples(char_checkpoint, tmp_path):
+    flags = ["--start=KING:", "--num_samples=2", "--max_new_tokens=30", "--seed=9"]
+    plain = sample(char_checkpoint, *flags, "--batch_size=2")
+    streamed = sample(char_checkpoint, *flags, "--stream=True")
+    assert plain.returncode == streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == plain.stdout
+
+
+def test_prompt_from_file_and_long_prompts(char_checkpoint, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ROMEO:\n" * 10)  # 70 characters, block_size is 32
+    result = sample(
+        char_checkpoint, f"--start=FILE:{prompt}", "--num_samples=1", "--max_new_tokens=5"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:\n" * 10)
+    assert "block_size" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, fragment",
+    [
+        ("--temperature=-1", "temperature"),
+        ("--top_k=0", "top_k"),
+        ("--top_p=1.5", "top_p"),
+        ("--top_p=0", "top_p"),
+        ("--num_samples=two", "num_samples"),
+        ("--tempreature=0.5", "--tempreature"),
+        ("--start=ROMEO: ©", "outside"),
+        ("--start=", "empty prompt"),
+        ("--start=FILE:/no/such/prompt.txt", "no such file"),
+    ],
+)
+def test_bad_input_is_one_line(char_checkpoint, flag, fragment):
+    result = sample(char_checkpoint, "--num_samples=1", "--max_new_tokens=5", flag)
+    assert_one_line_error(result, fragment)
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    assert_one_line_error(run_script("sample", f"--out_dir={tmp_path / 'nope'}"), "nope")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "nanogpt_jax.json").write_text("{not json")
+    assert_one_line_error(run_script("sample", f"--init_from={broken}"), "corrupt")
