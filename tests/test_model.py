@@ -1,0 +1,114 @@
+"""Invariants of the GPT module on tiny configs: causality, nanoGPT's init, dropout only in
+training, jit == no-jit, and the cache path against the plain forward."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanogpt_jax.config import PRESETS, GPTConfig
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.model import GPT, init_cache
+
+TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_logits_are_causal():
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+    changed = ids.at[:, 7:].set((ids[:, 7:] + 1) % 64)
+    a, _ = model(ids)
+    b, _ = model(changed)
+    assert a.shape == (2, 12, 64) and a.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
+    assert not np.allclose(np.asarray(a[:, 7:]), np.asarray(b[:, 7:]))
+
+
+def test_initialisation_follows_nanogpt():
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=128)
+    model = GPT(config, rngs=nnx.Rngs(0))
+    block = model.h[0]
+    assert np.std(np.asarray(model.wte.embedding[...])) == pytest.approx(0.02, rel=0.05)
+    assert np.std(np.asarray(block.mlp.c_fc.weight[...])) == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / math.sqrt(2 * config.n_layer)
+    assert np.std(np.asarray(block.attn.c_proj.weight[...])) == pytest.approx(residual, rel=0.05)
+    assert np.std(np.asarray(block.mlp.c_proj.weight[...])) == pytest.approx(residual, rel=0.05)
+    assert not np.any(np.asarray(block.attn.c_attn.bias[...]))
+    np.testing.assert_array_equal(np.asarray(block.ln_1.scale[...]), 1.0)
+
+
+def test_bias_false_has_no_biases():
+    model = GPT(TINY.replace(bias=False), rngs=nnx.Rngs(0))
+    names = {"/".join(map(str, p)) for p, _ in nnx.iter_graph(model) if isinstance(_, nnx.Param)}
+    assert not any(name.endswith("bias") for name in names)
+
+
+def test_dropout_only_with_rngs():
+    model = GPT(TINY.replace(dropout=0.5), rngs=nnx.Rngs(0))
+    ids = jnp.arange(10)[None]
+    plain_a, _ = model(ids)
+    plain_b, _ = model(ids)
+    np.testing.assert_array_equal(np.asarray(plain_a), np.asarray(plain_b))
+    drop_a, _ = model(ids, rngs=nnx.Rngs(dropout=1))
+    drop_b, _ = model(ids, rngs=nnx.Rngs(dropout=2))
+    assert not np.allclose(np.asarray(drop_a), np.asarray(plain_a))
+    assert not np.allclose(np.asarray(drop_a), np.asarray(drop_b))
+
+
+def test_jit_equals_eager():
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ids = jax.random.randint(jax.random.key(2), (3, 16), 0, 64)
+
+    @jax.jit
+    def forward(state, ids):
+        return nnx.merge(graphdef, state)(ids)[0]
+
+    np.testing.assert_allclose(
+        np.asarray(forward(state, ids)), np.asarray(model(ids)[0]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_chunked_prefill_through_the_cache_equals_one_pass():
+    """Left-padded rows written into the cache in two calls give the uncached logits."""
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    ids = np.asarray(jax.random.randint(jax.random.key(3), (2, 10), 0, 64))
+    lengths = [10, 6]
+    slots = 12
+    tokens = np.zeros((2, slots), np.int32)
+    start = np.array([slots - n for n in lengths])
+    for b, n in enumerate(lengths):
+        tokens[b, slots - n :] = ids[b, :n]
+    positions = np.maximum(np.arange(slots)[None] - start[:, None], 0)
+    cache = init_cache(TINY, 2, slots + 4, start, jnp.float32)
+    first, cache = model(tokens[:, :8], positions[:, :8], cache)
+    second, cache = model(tokens[:, 8:], positions[:, 8:], cache)
+    cached = np.concatenate([first, second], axis=1)
+    assert int(cache.index) == slots
+    for b, n in enumerate(lengths):
+        expected, _ = model(ids[b : b + 1, :n])
+        np.testing.assert_allclose(cached[b, slots - n :], expected[0], atol=1e-5)
+
+
+def test_presets_and_config_checks():
+    assert PRESETS["gpt2-xl"].n_layer == 48 and PRESETS["gpt2-xl"].n_embd == 1600
+    assert PRESETS["gpt2-medium"].n_head == 16 and PRESETS["gpt2"].vocab_size == 50257
+    assert all(p.activation_function == "gelu_new" for p in PRESETS.values())
+    assert GPTConfig().vocab_size == 50304 and GPTConfig().activation_function == "gelu"
+    with pytest.raises(UserError, match="divisible"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(UserError, match="unknown key"):
+        GPTConfig.from_dict({"n_layers": 3})
+    with pytest.raises(UserError, match="expected int"):
+        GPTConfig.from_dict({"n_layer": 2.5})
+    assert GPTConfig.from_dict({"dropout": 0}).dropout == 0.0  # an int is fine for a float
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = GPT(TINY, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    assert model.h[0].mlp.c_fc.weight[...].dtype == jnp.float32
+    logits, _ = model(jnp.arange(8)[None])
+    assert logits.dtype == jnp.float32
