@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from nanogpt_jax.checkpoint import abstract_model, load_params, read_metadata, save_model
 from nanogpt_jax.config import PRESETS, GPTConfig
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.sharding import shard_params
 from nanogpt_jax.tokenizer import Tokenizer
 
 BUILTIN_DIR = Path(__file__).parent / "pretrained"
@@ -40,6 +42,7 @@ class ModelBundle:
     params: nnx.State
     dtype: str = "float32"  # compute dtype
     info: dict = field(default_factory=dict)
+    mesh: Mesh | None = None  # devices the params and batches are spread over
     engine: object = field(default=None, repr=False)  # the sampler's compiled programs
 
     def logits(self, ids) -> jax.Array:
@@ -75,30 +78,38 @@ def make_bundle(
     params: dict,
     dtype: str = "float32",
     info: dict | None = None,
+    mesh: Mesh | None = None,
 ) -> ModelBundle:
     """Bundle a parameter tree. For bfloat16/float16 inference the matrices are cast to that
-    dtype too (halving the bytes read per token); LayerNorms and biases stay float32."""
+    dtype too (halving the bytes read per token); LayerNorms and biases stay float32. With a
+    mesh, parameters are placed as `nanogpt_jax.sharding` describes."""
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     compute = DTYPES[dtype]
-    graphdef, state = nnx.split(abstract_model(config, compute))
-    nnx.replace_by_pure_dict(state, params)
-    state = jax.tree.map(
-        lambda x: jnp.asarray(x, compute if (compute != jnp.float32 and x.ndim >= 2) else None),
-        state,
+    params = jax.tree.map(
+        lambda x: x.astype(compute) if (compute != jnp.float32 and x.ndim >= 2) else x, params
     )
-    return ModelBundle(config, tokenizer, graphdef, state, dtype, info or {})
+    if mesh is not None:
+        params = shard_params(params, config, mesh)
+    graphdef, state = nnx.split(abstract_model(config, compute))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return ModelBundle(config, tokenizer, graphdef, state, dtype, info or {}, mesh=mesh)
 
 
-def load(name_or_path: str | os.PathLike, dtype: str = "float32") -> ModelBundle:
+def load(
+    name_or_path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None
+) -> ModelBundle:
     """Load a model by checkpoint path, preset name (gpt2 ... gpt2-xl) or built-in name.
 
     Presets are downloaded from the Hugging Face hub and converted on first use, then cached
     under `cache_home()`. `dtype` is the compute dtype: float32, or bfloat16 for accelerators.
+    With a `mesh` (see `nanogpt_jax.sharding.make_mesh`), each process reads only the parts of
+    the parameters its devices hold.
     """
     path = resolve(str(name_or_path))
     config, tokenizer, info = read_metadata(path)
-    return make_bundle(config, tokenizer, load_params(path, config), dtype, info)
+    params = load_params(path, config, mesh)
+    return make_bundle(config, tokenizer, params, dtype, info, mesh)
 
 
 def resolve(name_or_path: str) -> Path:

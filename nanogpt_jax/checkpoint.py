@@ -46,7 +46,11 @@ def metadata(config: GPTConfig, tokenizer: Tokenizer, info: dict | None = None) 
 
 
 def write_metadata(directory: Path, meta: dict) -> None:
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    """Replace DIR/nanogpt_jax.json atomically: a training run rewrites it at every save."""
+    path = Path(directory) / METADATA_FILE
+    temporary = path.with_name(f".{METADATA_FILE}.partial-{uuid.uuid4().hex[:8]}")
+    temporary.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
 
 
 def read_metadata(directory: str | Path) -> tuple[GPTConfig, Tokenizer, dict]:
@@ -142,10 +146,29 @@ def restore_params(path: str | Path, target: dict) -> dict:
         raise UserError(f"{path}: checkpoint does not match the model ({first_line})") from None
 
 
-def load_params(directory: str | Path, config: GPTConfig) -> dict:
-    """The float32 parameter tree of a checkpoint or training directory."""
+def load_params(directory: str | Path, config: GPTConfig, mesh=None) -> dict:
+    """The float32 parameter tree of a checkpoint or training directory. With a mesh, every
+    array is restored already split over its devices: a process reads only its parts."""
     skeleton = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+    if mesh is not None:
+        skeleton = storage_shardings(skeleton, config, mesh)
     return restore_params(params_dir(directory), skeleton)
+
+
+def storage_shardings(skeleton: dict, config: GPTConfig, mesh) -> dict:
+    """ShapeDtypeStructs carrying the sharding each stored (unreshaped) array is read into."""
+    from jax.sharding import NamedSharding
+
+    from nanogpt_jax.sharding import param_spec
+
+    def with_sharding(path, leaf):
+        names = tuple(str(getattr(k, "key", k)) for k in path)
+        spec = param_spec(names, leaf.shape, config, mesh)
+        if names[-2:] == ("c_attn", "weight") or names[-2:] == ("c_attn", "bias"):
+            spec = type(spec)(*spec[1:])  # stored (3C, ...): split its rows, not a (3,) axis
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(with_sharding, skeleton)
 
 
 def params_of(model: GPT) -> dict:

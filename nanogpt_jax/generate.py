@@ -34,6 +34,7 @@ from nanogpt_jax.bundle import ModelBundle, as_token_rows, cache_home
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.model import KVCache, init_cache
 from nanogpt_jax.sampling import SamplingParams, next_power_of_two, sample
+from nanogpt_jax.sharding import batch_sharding, cache_sharding, global_array, to_host
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
@@ -58,13 +59,24 @@ def prompt_positions(start, length):
     return jnp.maximum(jnp.arange(length)[None, :] - start[:, None], 0)
 
 
-def prefill(graphdef, params, tokens, start, *, num_new_slots: int) -> DecodeState:
-    """Run the left-padded prompts (B, P) through the model, filling a fresh cache."""
+def prefill(graphdef, params, tokens, start, *, num_new_slots: int, cache_sharding) -> DecodeState:
+    """Run the left-padded prompts (B, P) through the model, filling a fresh cache.
+
+    cache_sharding: None on one device; on a mesh, where the (B, H, S, D) cache lives.
+    """
     model = nnx.merge(graphdef, params)
     B, P = tokens.shape
     # slots for the prompt, plus one per new token while the context still fits block_size
     num_slots = P + min(num_new_slots, model.config.block_size)
-    cache = init_cache(model.config, B, num_slots, start, model.dtype)
+    cache = init_cache(
+        model.config, B, num_slots, start, model.dtype, fold_heads=cache_sharding is None
+    )
+    if cache_sharding is not None:
+        cache = dataclasses.replace(
+            cache,
+            k=[jax.lax.with_sharding_constraint(k, cache_sharding) for k in cache.k],
+            v=[jax.lax.with_sharding_constraint(v, cache_sharding) for v in cache.v],
+        )
     logits, cache = model(tokens, prompt_positions(start, P), cache, last_only=True)
     buffer = jnp.full((B, P + num_new_slots), FILL, jnp.int32).at[:, :P].set(tokens)
     return DecodeState(
@@ -81,7 +93,8 @@ def decode(
     graphdef,
     params,
     state: DecodeState,
-    row_keys,
+    seed,
+    row_ids,
     sampling: SamplingParams,
     num_new,
     stop_ids,
@@ -92,12 +105,15 @@ def decode(
 ) -> DecodeState:
     """Draw `num_steps` more tokens for every row (rows that are done only repeat FILL).
 
-    row_keys: (B,) the key stream of each row. num_new: () tokens wanted per row.
+    seed: () root of the randomness. row_ids: (B,) each row's index in the request, which
+    selects its key stream. num_new: () tokens wanted per row.
     stop_ids: (K,) ids that end a row. vocab_size: the tokenizer's; ids of a padded embedding
     beyond it are never drawn.
     """
     model = nnx.merge(graphdef, params)
     block_size = model.config.block_size
+    # row i's stream: fold_in(root, i); its key at step t: fold_in(stream, t)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids)
     prompt_lengths = prompt_slots - state.cache.start  # (B,) real prompt tokens per row
 
     def cached_forward(token, state: DecodeState) -> DecodeState:
@@ -171,7 +187,9 @@ class Engine:
         return len(self.programs)
 
     def compiled(self, name: str, function: Callable, static: dict, donate: tuple, *args):
-        signature = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), args)
+        signature = jax.tree.map(
+            lambda x: (jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None)), args
+        )
         key = (name, tuple(sorted(static.items())), str(jax.tree.structure(args)), str(signature))
         if key not in self.programs:
             began = time.perf_counter()
@@ -183,13 +201,36 @@ class Engine:
             self.compile_seconds += time.perf_counter() - began
         return self.programs[key]
 
+    @property
+    def mesh(self):
+        return self.bundle.mesh
+
+    def rows(self, value) -> jax.Array:
+        """A host array of batch rows, placed like the batch (split over `data` on a mesh)."""
+        if self.mesh is None:
+            return jnp.asarray(value)
+        return global_array(value, batch_sharding(self.mesh, np.ndim(value)))
+
     def prefill(self, tokens, start, num_new_slots):
-        args = (self.bundle.params, tokens, start)
-        program = self.compiled("prefill", prefill, dict(num_new_slots=num_new_slots), (), *args)
+        args = (self.bundle.params, self.rows(tokens), self.rows(start))
+        mesh = self.mesh
+        static = dict(
+            num_new_slots=num_new_slots,
+            cache_sharding=None if mesh is None else cache_sharding(self.bundle.config, mesh),
+        )
+        program = self.compiled("prefill", prefill, static, (), *args)
         return program(*args)
 
-    def decode(self, state, row_keys, sampling, num_new, stop_ids, prompt_slots, num_steps):
-        args = (self.bundle.params, state, row_keys, sampling, num_new, stop_ids)
+    def decode(self, state, seed, row_ids, sampling, num_new, stop_ids, prompt_slots, num_steps):
+        args = (
+            self.bundle.params,
+            state,
+            jnp.int32(seed),
+            self.rows(row_ids),
+            sampling,
+            jnp.int32(num_new),
+            stop_ids,
+        )
         vocab_size = self.bundle.tokenizer.vocab_size
         static = dict(prompt_slots=prompt_slots, num_steps=num_steps, vocab_size=vocab_size)
         program = self.compiled("decode", decode, static, ("state",), *args)
@@ -307,7 +348,9 @@ def generate(
     engine = engine_of(bundle)
     compile_before = engine.compile_seconds
     began = time.perf_counter()
-    root = jax.random.key(seed)
+    # every batch has the same number of rows (the last is padded), a multiple of the data axis
+    data_size = 1 if bundle.mesh is None else bundle.mesh.shape["data"]
+    padded_rows = -(-min(batch_size, len(rows)) // data_size) * data_size
     new_tokens: list[list[int]] = []
     for first in range(0, len(rows), batch_size):
         batch = rows[first : first + batch_size]
@@ -315,8 +358,8 @@ def generate(
             engine,
             batch,
             row_ids=range(first_row + first, first_row + first + len(batch)),
-            padded_rows=min(batch_size, len(rows)),  # the last batch is padded to the same shape
-            root=root,
+            padded_rows=padded_rows,
+            seed=seed,
             sampling=sampling,
             max_new_tokens=max_new_tokens,
             stop_ids=stop_ids,
@@ -354,7 +397,7 @@ def generate_batch(
     *,
     row_ids: range,
     padded_rows: int,
-    root,
+    seed: int,
     sampling: SamplingParams,
     max_new_tokens: int,
     stop_ids,
@@ -368,37 +411,38 @@ def generate_batch(
     prompt_slots = max(MIN_PROMPT_BUCKET, next_power_of_two(max(map(len, cropped))))
     new_slots = max(MIN_NEW_TOKENS_BUCKET, next_power_of_two(max_new_tokens))
     chunk_size = min(next_power_of_two(chunk_size), new_slots)
-    # padding rows repeat the first prompt; their output is dropped
-    padded = cropped + [cropped[0]] * (padded_rows - len(cropped))
+    # padding rows repeat the first prompt and key stream; their output is dropped
+    padding = padded_rows - len(cropped)
     tokens = np.zeros((padded_rows, prompt_slots), np.int32)
     start = np.zeros((padded_rows,), np.int32)
-    for b, row in enumerate(padded):
+    for b, row in enumerate(cropped + [cropped[0]] * padding):
         tokens[b, prompt_slots - len(row) :] = row
         start[b] = prompt_slots - len(row)
-    ids = list(row_ids) + [row_ids[0]] * (padded_rows - len(cropped))
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.asarray(ids))
+    ids = np.array(list(row_ids) + [row_ids[0]] * padding, np.int32)
 
-    state = engine.prefill(jnp.asarray(tokens), jnp.asarray(start), new_slots)
-    num_new = jnp.int32(max_new_tokens)
+    def new_so_far(state, steps):
+        written = to_host(state.tokens)[: len(batch), prompt_slots:]
+        return new_rows(written[:, : min(steps, max_new_tokens)])
+
+    state = engine.prefill(tokens, start, new_slots)
     emitted = [0] * len(batch)
     steps = 0
     while steps < max_new_tokens:
         state = engine.decode(
-            state, row_keys, sampling, num_new, stop_ids, prompt_slots, chunk_size
+            state, seed, ids, sampling, max_new_tokens, stop_ids, prompt_slots, chunk_size
         )
         steps += chunk_size
-        if bool(np.any(np.asarray(state.bad_logits))):
+        if bool(np.any(to_host(state.bad_logits))):
             raise UserError("the model produced NaN or infinite logits; the checkpoint is broken")
-        if not (on_text or stop_texts) and steps < max_new_tokens:
-            if bool(np.all(np.asarray(state.done))):
+        done = to_host(state.done)
+        if not (on_text or stop_texts):
+            if np.all(done):
                 break
             continue
-        new = new_rows(
-            np.asarray(state.tokens)[: len(batch), prompt_slots:][:, : min(steps, max_new_tokens)]
-        )
+        new = new_so_far(state, steps)
         stopped = [stop_index(tokenizer, row, stop_texts) for row in new]
         if on_text:
-            finished = steps >= max_new_tokens or bool(np.all(np.asarray(state.done)))
+            finished = steps >= max_new_tokens or bool(np.all(done))
             for b, row in enumerate(new):
                 text = tokenizer.decode(row[: stopped[b]])
                 if not finished:  # hold back a character whose bytes are not all there yet
@@ -406,15 +450,12 @@ def generate_batch(
                 on_text(row_ids[b], text[emitted[b] :])
                 emitted[b] = max(emitted[b], len(text))
         if any(s is not None for s in stopped):
-            done = np.asarray(state.done).copy()
+            done = done.copy()
             done[: len(batch)] |= [s is not None for s in stopped]
-            state = dataclasses.replace(state, done=jnp.asarray(done))
-        if bool(np.all(np.asarray(state.done))):
+            state = dataclasses.replace(state, done=engine.rows(done))
+        if np.all(done):
             break
-    new = new_rows(
-        np.asarray(state.tokens)[: len(batch), prompt_slots:][:, : min(steps, max_new_tokens)]
-    )
-    return [row[: stop_index(tokenizer, row, stop_texts)] for row in new]
+    return [row[: stop_index(tokenizer, row, stop_texts)] for row in new_so_far(state, steps)]
 
 
 def new_rows(tokens: np.ndarray) -> list[list[int]]:

@@ -50,32 +50,42 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        """(..., in) -> (..., out). A weight may be given more output axes, (*out, in), as
+        sharded inference does to place each head's query, key and value together."""
+        w = self.weight[...].astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype).reshape(w.shape[:-1])
         return y
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to S slots."""
+    """Keys and values of every layer for the tokens seen so far, preallocated to S slots.
 
-    k: list[jax.Array]  # n_layer x (B*H, S, D)
-    v: list[jax.Array]  # n_layer x (B*H, S, D)
+    Layout (B*H, S, D) by default: with a separate batch axis of size 1, XLA:CPU copies the
+    whole cache around every in-place write. (B, H, S, D) when heads are sharded over devices.
+    """
+
+    k: list[jax.Array]  # n_layer x (B*H, S, D) or (B, H, S, D)
+    v: list[jax.Array]  # n_layer x (B*H, S, D) or (B, H, S, D)
     start: jax.Array  # (B,) int32: first slot holding a real token of each row
     index: jax.Array  # () int32: slot the next token is written to
 
     @property
     def num_slots(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[-2]
 
 
-def init_cache(config: GPTConfig, batch_size: int, num_slots: int, start, dtype) -> KVCache:
+def init_cache(
+    config: GPTConfig, batch_size: int, num_slots: int, start, dtype, fold_heads: bool = True
+) -> KVCache:
     """An empty cache for `batch_size` rows whose real tokens begin at slot `start[b]`."""
-    # batch and heads share one axis: with a separate batch axis of size 1, XLA:CPU copies
-    # the whole cache around every in-place write
-    shape = (batch_size * config.n_head, num_slots, config.head_dim)
+    B, H = batch_size, config.n_head
+    shape = (
+        (B * H, num_slots, config.head_dim) if fold_heads else (B, H, num_slots, config.head_dim)
+    )
     return KVCache(
         k=[jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
         v=[jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
@@ -98,28 +108,28 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, x, mask, kv=None, index=None, rngs=None):
         """x: (B, T, C); mask: (B, 1, T, T or S); kv: this layer's cached (k, v) or None.
 
-        Heads are folded into the batch axis, (B*H, ...), the layout of the cache.
+        Attention runs in the cache's layout: heads folded into the batch, (B*H, ...), or not.
         """
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
-
-        def heads(t):  # (B, T, C) -> (B*H, T, D)
-            return t.reshape(B, T, H, D).transpose(0, 2, 1, 3).reshape(B * H, T, D)
-
-        q, k, v = map(heads, jnp.split(self.c_attn(x), 3, axis=-1))  # 3 x (B*H, T, D)
+        qkv = self.c_attn(x).reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, D)
         if kv is not None:
             # write this call's keys and values into the cache, then attend over all S slots
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0))
-            kv = (k, v)  # 2 x (B*H, S, D)
-        att = jnp.einsum("ntd,nsd->nts", q, k.astype(q.dtype)) / math.sqrt(D)
+            if kv[0].ndim == 3:
+                q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))  # (B*H, T, D)
+            at = (0,) * (kv[0].ndim - 2) + (index, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
+            kv = (k, v)  # 2 x (B*H, S, D) or (B, H, S, D)
+        att = jnp.einsum("...td,...sd->...ts", q, k.astype(q.dtype)) / math.sqrt(D)
         # softmax in float32; masked entries get the most negative finite value, not -inf, so a
         # row with nothing to attend to (a padding slot) stays finite
         att = att.astype(jnp.float32).reshape(B, H, T, -1)  # (B, H, T, S)
         att = jnp.where(mask, att, jnp.finfo(jnp.float32).min)
         att = jax.nn.softmax(att, axis=-1).astype(x.dtype)
         att = self.attn_dropout(att, deterministic=rngs is None, rngs=rngs)
-        y = jnp.einsum("nts,nsd->ntd", att.reshape(B * H, T, -1), v.astype(x.dtype))
+        y = jnp.einsum("...ts,...sd->...td", att.reshape(q.shape[:-1] + (-1,)), v.astype(x.dtype))
         y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble heads
         y = self.resid_dropout(self.c_proj(y), deterministic=rngs is None, rngs=rngs)
         return y, kv

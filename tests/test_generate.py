@@ -40,14 +40,12 @@ def stepwise_logits(bundle, rows, steps):
     start = np.array([prompt_slots - len(r) for r in rows], np.int32)
     for b, row in enumerate(rows):
         tokens[b, start[b] :] = row
-    state = engine.prefill(jnp.asarray(tokens), jnp.asarray(start), 128)
-    keys = jax.random.split(jax.random.key(0), len(rows))
+    state = engine.prefill(tokens, start, 128)
+    row_ids = np.arange(len(rows), dtype=np.int32)
     greedy = SamplingParams.create(temperature=0.0)
     history = [np.asarray(state.logits)]
     for _ in range(steps):
-        state = engine.decode(
-            state, keys, greedy, jnp.int32(10_000), jnp.array([FILL]), prompt_slots, 1
-        )
+        state = engine.decode(state, 0, row_ids, greedy, 10_000, jnp.array([FILL]), prompt_slots, 1)
         history.append(np.asarray(state.logits))
     generated = np.asarray(state.tokens)[:, prompt_slots : prompt_slots + steps]
     return history, generated

@@ -1,6 +1,7 @@
 """Command-line entry points. Each parses flags, wires library calls and prints: results on
 stdout, everything else (progress, timings, warnings, errors) on stderr."""
 
+import os
 import sys
 import warnings
 
@@ -21,6 +22,15 @@ def run(main, argv=None) -> None:
     except BrokenPipeError:  # e.g. piped into `head`
         sys.stderr.close()
         sys.exit(0)
+
+
+def reserve_stdout_for_results() -> None:
+    """Point file descriptor 1 at stderr and keep the real stdout for Python's prints only:
+    native libraries (gloo announces its connections there) then cannot mix into results."""
+    sys.stdout.flush()
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = results
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

@@ -7,12 +7,13 @@ python scripts/sample.py --init_from=gpt2-xl --start=FILE:prompt.txt --dtype=bfl
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanogpt_jax.commands import run, select_platform
+from nanogpt_jax.commands import reserve_stdout_for_results, run, select_platform
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.flags import parse_flags
 
@@ -40,6 +41,7 @@ class SampleFlags:
     stream: bool = False  # print text as it is generated, one sample at a time
     device: str | None = None  # cpu | gpu | tpu (default: JAX's default backend)
     dtype: str | None = None  # float32 | bfloat16 | float16 (default: float32 on cpu)
+    mesh: str | None = None  # e.g. data:4,model:2 over all devices (default: one device)
 
 
 USAGE = "usage: python scripts/sample.py [--key=value ...]"
@@ -51,6 +53,12 @@ def main(argv: list[str]) -> None:
     import jax
 
     from nanogpt_jax.bundle import load
+    from nanogpt_jax.sharding import initialize_distributed, make_mesh
+
+    if initialize_distributed():  # several processes, each running this same command
+        reserve_stdout_for_results()
+        if jax.process_index() != 0:  # only the first process prints
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
 
     dtype = flags.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     if flags.num_samples < 1:
@@ -58,7 +66,7 @@ def main(argv: list[str]) -> None:
     source = flags.out_dir if flags.init_from == "resume" else flags.init_from
     if flags.init_from == "resume" and not Path(source).is_dir():
         raise UserError(f"--init_from=resume: no checkpoint directory {source!r} (see --out_dir)")
-    bundle = load(source, dtype=dtype)
+    bundle = load(source, dtype=dtype, mesh=make_mesh(flags.mesh) if flags.mesh else None)
     prompt = read_prompt(flags.start)
     options = dict(
         max_new_tokens=flags.max_new_tokens,
