@@ -36,6 +36,7 @@ class SamplingParams:
     min_p: jax.Array  # () float32; 0 keeps everything
     top_k_bucket: int = dataclasses.field(default=0, metadata=dict(static=True))
     use_top_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))  # temperature 0
 
     @classmethod
     def create(
@@ -61,6 +62,7 @@ class SamplingParams:
             min_p=jnp.float32(min_p),
             top_k_bucket=bucket,
             use_top_p=top_p < 1.0,
+            greedy=temperature == 0,
         )
 
 
@@ -150,6 +152,6 @@ def draw(logits, key):
 def sample(logits, keys, params: SamplingParams):
     """One token id per row. logits: (B, V); keys: (B,) typed PRNG keys, one per row."""
     logits = logits.astype(jnp.float32)
-    drawn = jax.vmap(draw)(filter_logits(logits, params), keys)
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(params.temperature > 0, drawn, greedy).astype(jnp.int32)
+    if params.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(draw)(filter_logits(logits, params), keys).astype(jnp.int32)

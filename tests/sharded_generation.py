@@ -10,7 +10,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax  # noqa: E402
 
 import nanogpt_jax  # noqa: E402
-from nanogpt_jax.generate import engine_of  # noqa: E402
+from nanogpt_jax.engine import engine_of  # noqa: E402
 from nanogpt_jax.sharding import make_mesh  # noqa: E402
 
 PROMPTS = ["ROMEO:", "KING HENRY:\nWhat", "O", "Thou art"]

@@ -14,8 +14,8 @@ from nanogpt_jax.bundle import make_bundle
 from nanogpt_jax.checkpoint import params_of
 from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.convert import convert
+from nanogpt_jax.engine import FILL, engine_of
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.generate import FILL, engine_of
 from nanogpt_jax.model import GPT
 from nanogpt_jax.sampling import SamplingParams
 from nanogpt_jax.tokenizer import CharTokenizer
