@@ -135,7 +135,7 @@ def abstract_model(config: GPTConfig, dtype=jax.numpy.float32) -> GPT:
 def restore_params(path: str | Path, target: dict) -> dict:
     """Restore a parameter tree shaped like `target` (a tree of ShapeDtypeStructs or arrays)."""
     path = Path(path)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree.map(on_default_device, target)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path.absolute(), abstract)
@@ -144,6 +144,17 @@ def restore_params(path: str | Path, target: dict) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: checkpoint does not match the model ({first_line})") from None
+
+
+def on_default_device(leaf) -> jax.ShapeDtypeStruct:
+    """A restore target; without a sharding of its own, the array goes to the default device.
+    (Left to itself, Orbax would use the device recorded at saving, cpu:0 or cuda:0, and fail
+    on a machine without one.)"""
+    leaf = ocp.utils.to_shape_dtype_struct(leaf)
+    if getattr(leaf, "sharding", None) is not None:
+        return leaf
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
 
 
 def load_params(directory: str | Path, config: GPTConfig, mesh=None) -> dict:
