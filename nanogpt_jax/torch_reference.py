@@ -100,13 +100,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx):
+    def forward(self, idx, last_only=False):
+        """Logits (B, T, vocab_size); with last_only, (B, 1, vocab_size) as nanoGPT computes
+        them at inference, the lm_head applied to the last position only."""
         _, t = idx.size()
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, [-1], :]
+        return self.lm_head(x)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):
@@ -114,7 +119,7 @@ class GPT(nn.Module):
         temperature 0 means greedy. Padded-vocabulary ids beyond `vocab_size` are never drawn."""
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size :]
-            logits = self(idx_cond)[:, -1, :vocab_size]
+            logits = self(idx_cond, last_only=True)[:, -1, :vocab_size]
             if temperature == 0:
                 idx_next = torch.argmax(logits, dim=-1, keepdim=True)
             else:

@@ -1,0 +1,144 @@
+"""The benchmark's outputs: results.json, results.csv, throughput.png and a table for stdout."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+COLUMNS = (
+    "impl",
+    "batch_size",
+    "prompt_len",
+    "new_tokens",
+    "tok_s",
+    "tok_s_best",
+    "decode_tok_s",
+    "ms_per_token",
+    "ttft_s",
+    "compile_s",
+    "total_s",
+    "total_s_min",
+    "warmup_s",
+    "repeats",
+    "peak_mem_gb",
+    "floor_ms_per_token",
+    "fraction_of_floor",
+    "agree",
+    "agree_steps",
+    "skipped",
+    "load_avg",
+)
+
+# (heading, column, format) of the printed table
+TABLE = (
+    ("impl", "impl", "{}"),
+    ("B", "batch_size", "{}"),
+    ("P", "prompt_len", "{}"),
+    ("N", "new_tokens", "{}"),
+    ("tok/s", "tok_s", "{:.1f}"),
+    ("decode tok/s", "decode_tok_s", "{:.1f}"),
+    ("ms/step", "ms_per_token", "{:.2f}"),
+    ("ttft s", "ttft_s", "{:.3f}"),
+    ("compile s", "compile_s", "{:.1f}"),
+    ("floor ms", "floor_ms_per_token", "{:.2f}"),
+    ("of floor", "fraction_of_floor", "{:.0%}"),
+    ("peak GB", "peak_mem_gb", "{:.3f}"),
+    ("agree", "agree", "{}"),
+)
+
+
+def write_results(out_dir: Path, report: dict) -> None:
+    """results.json (everything) and results.csv (the rows), rewritten after every row."""
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in report["results"]:
+            writer.writerow({key: "" if row.get(key) is None else row[key] for key in COLUMNS})
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as an aligned text table; skipped runs say why."""
+    lines = [[heading for heading, _, _ in TABLE]]
+    for row in rows:
+        if row.get("skipped"):
+            cells = [str(row.get(column, "")) for _, column, _ in TABLE[:4]]
+            lines.append([*cells, f"skipped: {row['skipped']}"])
+            continue
+        lines.append(
+            [
+                "-" if row.get(column) is None else fmt.format(row[column])
+                for _, column, fmt in TABLE
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(TABLE))]
+    return "\n".join(
+        "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=False)).rstrip()
+        for line in lines  # a skipped row has fewer cells
+    )
+
+
+def write_plot(out_dir: Path, report: dict) -> None:
+    """throughput.png: tokens/s against batch size, one line per implementation (and per
+    prompt/new-token setting when the grid has several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r.get("tok_s")]
+    settings = sorted({(r["prompt_len"], r["new_tokens"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        for prompt_len, new_tokens in settings:
+            line = sorted(
+                (r["batch_size"], r["tok_s"])
+                for r in rows
+                if r["impl"] == impl
+                and (r["prompt_len"], r["new_tokens"]) == (prompt_len, new_tokens)
+            )
+            if not line:
+                continue
+            label = impl if len(settings) == 1 else f"{impl} P={prompt_len} N={new_tokens}"
+            ax.plot([b for b, _ in line], [t for _, t in line], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    batch_sizes = sorted({r["batch_size"] for r in rows})
+    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens / s (prefill included)")
+    hardware = report.get("hardware", {})
+    on_cpu = hardware.get("platform", "cpu") == "cpu"
+    where = hardware.get("cpu" if on_cpu else "device_kind") or report["device"]
+    ax.set_title(f"{report['model']}, {report['dtype']}, {where}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if rows:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "throughput.png", dpi=120)
+    plt.close(fig)
+
+
+def speedups(rows: list[dict], reference: str = "jax") -> list[str]:
+    """'jax / hf at B=1 P=16 N=256: 2.31x tokens/s' for every other implementation."""
+    lines = []
+    timed = [r for r in rows if r.get("tok_s")]
+    for ref in (r for r in timed if r["impl"] == reference):
+        cell = (ref["batch_size"], ref["prompt_len"], ref["new_tokens"])
+        for other in timed:
+            if (
+                other["impl"] != reference
+                and (
+                    other["batch_size"],
+                    other["prompt_len"],
+                    other["new_tokens"],
+                )
+                == cell
+            ):
+                lines.append(
+                    f"{reference} / {other['impl']} at B={cell[0]} P={cell[1]} N={cell[2]}: "
+                    f"{ref['tok_s'] / other['tok_s']:.2f}x tokens/s"
+                )
+    return lines

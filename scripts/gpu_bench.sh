@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one go, 8 minutes at most ($BUDGET): GPT-2-124M and GPT-2-1.5B (gpt2-xl)
+# shapes with random weights, bfloat16, batch 1/8/64, prompt 16, 256 new tokens, implementations
+# jax, hf and torch-nanogpt. Needs JAX with CUDA, torch and transformers installed; no network.
+#
+#   OUT=/path/to/results bash scripts/gpu_bench.sh
+#
+# Writes $OUT/<model>/results.{json,csv} and throughput.png, and everything printed to
+# $OUT/log.txt. Each model runs in its own process under a time limit drawn from a shared
+# budget ($BUDGET seconds), so a failed or slow run loses only its own remaining rows: results
+# are rewritten after every row. Inside a run, --max_seconds lets the harness skip a run (the
+# no-cache torch-nanogpt at gpt2-xl batch 64, if slow) whose estimated time is too long.
+set -x
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-bench-out-gpu}
+BUDGET=${BUDGET:-480}
+DEVICE=${DEVICE:-gpu}
+DTYPE=${DTYPE:-bfloat16}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package need not be installed
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # leave GPU memory for torch
+export TQDM_MININTERVAL=20  # a progress line every 20 s, not a log full of them
+START=$SECONDS
+
+{
+  date
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PYTHON" -c 'import jax, flax, torch, transformers; print("jax", jax.__version__, jax.devices(),
+"flax", flax.__version__, "torch", torch.__version__, torch.cuda.is_available(),
+"transformers", transformers.__version__)'
+} >>"$LOG" 2>&1
+
+# bench NAME CAP_SECONDS FLAGS...: one process, limited to min(CAP, what is left of BUDGET)
+bench() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 30)); then
+    echo "== $name: skipped, ${left}s of the ${BUDGET}s budget left" >>"$LOG"
+    return
+  fi
+  echo "== $name: up to ${limit}s" >>"$LOG"
+  timeout --signal=INT --kill-after=15 "$limit" "$PYTHON" scripts/bench.py \
+    --device="$DEVICE" --dtype="$DTYPE" --prompt_len=16 --new_tokens="${NEW_TOKENS:-256}" \
+    --out="$OUT/$name" "$@" >>"$LOG" 2>&1
+  echo "== $name: exit status $? after $((SECONDS - START))s in all" >>"$LOG"
+}
+
+# Seen on an H200: the gpt2 run takes about 3 minutes, most of it warm-ups: an eager PyTorch
+# run spends ~12 s on its first pass over the 256 context lengths (per-shape kernel plans), the
+# jax engine ~10-14 s compiling its four programs per batch size. gpt2-xl needs about 5: ~70 s
+# to start and check agreement, ~35 s of compiling per batch size. Runs are ordered by batch
+# size, so a cut-off run loses its largest batch first.
+bench gpt2 180 --model=gpt2 --batch_sizes=1,8,64 --impls=jax,hf,torch-nanogpt \
+  --repeats=2 --max_seconds=60
+bench gpt2-xl 400 --model=gpt2-xl --batch_sizes=1,8,64 --impls=jax,hf,torch-nanogpt \
+  --repeats=1 --max_seconds=45
+
+ls -lR "$OUT" >>"$LOG" 2>&1
+echo "done in $((SECONDS - START))s" >>"$LOG"

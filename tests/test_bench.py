@@ -1,0 +1,138 @@
+"""The benchmark harness on a tiny shape (a smoke test, not a measurement), and the pieces whose
+mistakes would make its numbers lie: the no-cache baseline and the Hugging Face export."""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, run_script
+from flax import nnx
+
+from nanogpt_jax.checkpoint import params_of
+from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.model import GPT
+from nanogpt_jax.recompute import generate_greedy, window_plan
+from nanogpt_jax.torch_reference import from_params
+
+CPU_IMPLS = "jax,jax-nocache,torch-nanogpt,hf"
+
+
+def spread_model(config, seed=0):
+    """A random model with weights 10x GPT-2's init: its greedy output wanders over many tokens
+    instead of repeating one, so a decoder that mixes up positions shows."""
+    model = GPT(config, rngs=nnx.Rngs(seed))
+    params = jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, params_of(model))
+    nnx.update(model, params)
+    return model, params
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench"
+    result = run_script(
+        "bench",
+        "--model=tiny",
+        "--batch_sizes=1,2",
+        "--prompt_len=8",
+        "--new_tokens=6",
+        "--repeats=1",
+        "--check_steps=16",
+        f"--impls={CPU_IMPLS}",
+        f"--out={out}",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "agree: True" in result.stdout
+
+    report = json.loads((out / "results.json").read_text())
+    assert report["agree"] is True
+    assert report["agreement"]["steps"] == 16
+    assert report["hardware"]["bandwidth_gbs"] > 0 and report["hardware"]["matmul_tflops"] > 0
+    rows = report["results"]
+    assert {(r["impl"], r["batch_size"]) for r in rows} == {
+        (impl, b) for impl in CPU_IMPLS.split(",") for b in (1, 2)
+    }
+    for row in rows:
+        for column in ("tok_s", "ttft_s", "floor_ms_per_token", "total_s"):
+            assert row[column] > 0, (row["impl"], column)
+        assert row["agree_steps"] == 6, row["impl"]  # float32: same tokens as jax
+        assert ("fraction_of_floor" in row) and ("ms_per_token" in row)
+    assert rows[0]["compile_s"] > 0  # the jax engine compiled, and said how long it took
+
+    with open(out / "results.csv") as f:
+        header = next(csv.reader(f))
+    for column in ("impl", "batch_size", "tok_s", "ms_per_token", "ttft_s", "compile_s"):
+        assert column in header
+    assert "floor_ms_per_token" in header and "fraction_of_floor" in header
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--batch_sizes=1,x"], "--batch_sizes"),
+        (["--impls=jax,tensorflow"], "unknown impl"),
+        (["--new_tokens=100"], "block_size"),
+        (["--device=tpu3"], "device"),
+        (["--batch"], "needs a value"),
+    ],
+)
+def test_bench_bad_flags(argv, fragment):
+    result = run_script("bench", "--model=tiny", *argv, timeout=120)
+    assert_one_line_error(result, fragment)
+
+
+@pytest.mark.parametrize("prompt_len, num_new", [(5, 30), (3, 1), (12, 9)])
+def test_recompute_matches_nanogpt_generate(prompt_len, num_new):
+    """The jitted no-cache baseline is nanoGPT's loop, cropping at block_size included."""
+    config = GPTConfig(
+        block_size=20, vocab_size=300, n_layer=2, n_head=2, n_embd=32, activation_function="gelu"
+    )
+    model, params = spread_model(config)
+    prompts = np.random.default_rng(0).integers(0, 300, (3, prompt_len))
+    graphdef, state = nnx.split(model)
+    ours = generate_greedy(
+        graphdef, state, jax.numpy.asarray(prompts), num_new=num_new, vocab_size=300
+    )
+    theirs = from_params(config, params).generate(torch.from_numpy(prompts), num_new, temperature=0)
+    np.testing.assert_array_equal(np.asarray(ours), theirs[:, prompt_len:].numpy())
+
+
+def test_window_plan_covers_every_step_once():
+    plan = window_plan(prompt_len=16, num_new=256, block_size=1024)
+    assert [(first, end) for first, end, _ in plan] == [
+        (0, 1),
+        (1, 17),
+        (17, 49),
+        (49, 113),
+        (113, 241),
+        (241, 256),
+    ]
+    for _, end, width in plan:
+        assert 16 + end - 1 <= width  # the longest context of the run fits its window
+    assert max(width for *_, width in window_plan(5, 30, 20)) == 20  # never past block_size
+
+
+@pytest.mark.parametrize("bias, activation", [(True, "gelu_new"), (False, "gelu")])
+def test_hf_export_logits_match(bias, activation):
+    from nanogpt_jax.hf_export import to_hf
+
+    config = GPTConfig(
+        block_size=16,
+        vocab_size=300,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        bias=bias,
+        activation_function=activation,
+    )
+    model, params = spread_model(config)
+    ids = np.random.default_rng(1).integers(0, 300, (2, 10))
+    ours, _ = model(jax.numpy.asarray(ids))
+    hf = to_hf(config, params)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=1e-4)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied
