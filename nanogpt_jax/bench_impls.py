@@ -1,6 +1,7 @@
 """The text generators the benchmark races, behind one interface, all on the same weights.
 
     jax            this project's engine: prefill, then a jitted KV-cached decode scan
+    jax-mesh       the same engine on a device mesh (`--mesh`), batch rows over `data`
     jax-nocache    this project's model, nanoGPT's algorithm (see `nanogpt_jax.recompute`)
     torch-nanogpt  nanoGPT's model and `generate` in PyTorch, eager (no cache)
     torch-compile  the same under `torch.compile`
@@ -39,6 +40,7 @@ class Implementation:
     compiles: bool = False
     recomputes: bool = False
     compile_seconds: float | None = None
+    devices: int = 1
 
     def generate(self, prompts: np.ndarray, num_new: int) -> np.ndarray:
         """Greedy continuations (B, num_new) of prompts (B, P)."""
@@ -90,6 +92,8 @@ class JaxEngine(JaxMemory, Implementation):
         self.bundle = bundle
         self.compile_seconds = 0.0
         self.sizes = {}
+        if bundle.mesh is not None:
+            self.name, self.devices = "jax-mesh", bundle.mesh.size
 
     def programs(self) -> dict:
         return getattr(self.bundle.engine, "programs", None) or {}
@@ -235,16 +239,22 @@ def build(
     params: dict,
     device: str,
     dtype: str,
+    mesh=None,
 ) -> dict[str, Implementation]:
     """The named implementations; `bundle` computes in `dtype`, `params` are float32 on host.
 
-    device: "cpu" or "cuda" (torch's name).
+    device: "cpu" or "cuda" (torch's name). mesh: where `jax-mesh` runs.
     """
+    from nanogpt_jax.bundle import make_bundle
+
     vocab_size = bundle.tokenizer.vocab_size
     impls = {}
     for name in names:
         if name == "jax":
             impls[name] = JaxEngine(bundle)
+        elif name == "jax-mesh":
+            config, tokenizer = bundle.config, bundle.tokenizer
+            impls[name] = JaxEngine(make_bundle(config, tokenizer, params, dtype, mesh=mesh))
         elif name == "jax-nocache":
             impls[name] = JaxRecompute(bundle)
         elif name in ("torch-nanogpt", "torch-compile"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 COLUMNS = (
     "impl",
+    "devices",
     "batch_size",
     "prompt_len",
     "new_tokens",
@@ -28,6 +29,7 @@ COLUMNS = (
     "agree_steps",
     "skipped",
     "load_avg",
+    "scaling_efficiency",
 )
 
 # (heading, column, format) of the printed table
@@ -45,6 +47,7 @@ TABLE = (
     ("of floor", "fraction_of_floor", "{:.0%}"),
     ("peak GB", "peak_mem_gb", "{:.3f}"),
     ("agree", "agree", "{}"),
+    ("scaling", "scaling_efficiency", "{:.0%}"),
 )
 
 
@@ -60,19 +63,21 @@ def write_results(out_dir: Path, report: dict) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """Rows as an aligned text table; skipped runs say why."""
-    lines = [[heading for heading, _, _ in TABLE]]
+    multi_device = any(row.get("scaling_efficiency") is not None for row in rows)
+    table = TABLE if multi_device else TABLE[:-1]  # the scaling column only with a mesh
+    lines = [[heading for heading, _, _ in table]]
     for row in rows:
         if row.get("skipped"):
-            cells = [str(row.get(column, "")) for _, column, _ in TABLE[:4]]
+            cells = [str(row.get(column, "")) for _, column, _ in table[:4]]
             lines.append([*cells, f"skipped: {row['skipped']}"])
             continue
         lines.append(
             [
                 "-" if row.get(column) is None else fmt.format(row[column])
-                for _, column, fmt in TABLE
+                for _, column, fmt in table
             ]
         )
-    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(TABLE))]
+    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(table))]
     return "\n".join(
         "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=False)).rstrip()
         for line in lines  # a skipped row has fewer cells

@@ -19,6 +19,8 @@ Definitions (one row per implementation and cell):
   decode_tok_s      B / ms_per_token
   floor_ms_per_token the hardware floor of one KV-cached decode step at the mean context
   fraction_of_floor floor_ms_per_token / ms_per_token (1.0 = at the floor)
+  scaling_efficiency  (jax-mesh rows) tok_s on the mesh's N devices / (N * the jax row's
+                    tok_s on one device), same cell: 1.0 is perfect scaling
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Settings:
     seed: int = 0
     max_seconds: float | None = None  # skip or shorten runs estimated to take longer
     strict: bool = True  # stop before timing when implementations disagree
+    mesh: str | None = None  # e.g. data:4,model:2: also time `jax-mesh` on that many devices
 
 
 class IdTokenizer:
@@ -89,6 +92,8 @@ def validate(settings: Settings) -> None:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
     if settings.max_seconds is not None and settings.max_seconds <= 0:
         raise UserError(f"max_seconds must be positive, got {settings.max_seconds}")
+    if settings.mesh is not None:
+        bench_mesh(settings.mesh)
     config = SHAPES.get(settings.model) or read_metadata(resolve(settings.model))[0]
     longest = max(settings.prompt_lens) + max(settings.new_tokens)
     checked = settings.prompt_lens[0] + settings.check_steps
@@ -104,6 +109,22 @@ def validate(settings: Settings) -> None:
 
         if not torch.cuda.is_available():
             raise UserError("--device=gpu: torch sees no CUDA device (run only --impls=jax,...)")
+
+
+def bench_mesh(spec: str):
+    """The mesh of `--mesh` over the first devices, which may be fewer than all of them."""
+    import jax
+
+    from nanogpt_jax.sharding import make_mesh, mesh_sizes
+
+    sizes = mesh_sizes(spec)
+    count = sizes["data"] * sizes["model"]
+    if count > jax.device_count():
+        raise UserError(
+            f"mesh {spec!r} needs {count} devices, {jax.device_count()} are available "
+            "(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+        )
+    return make_mesh(spec, jax.devices()[:count])
 
 
 def load_model(name: str, seed: int):
@@ -171,8 +192,9 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
     report["hardware"] = hardware
 
     bundle = make_bundle(config, tokenizer, params, settings.dtype)
+    mesh = bench_mesh(settings.mesh) if settings.mesh else None
     impls = bench_impls.build(
-        settings.impls, bundle, params, torch_device(settings), settings.dtype
+        settings.impls, bundle, params, torch_device(settings), settings.dtype, mesh
     )
     weight_bytes = weights_read_per_step(bundle)
     itemsize = jax.numpy.dtype(bundle.dtype).itemsize
@@ -195,6 +217,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
         for name, impl in impls.items():
             progress.set_description(f"{name} B={batch} P={prompt_len} N={num_new}")
             row = dict(impl=name, batch_size=batch, prompt_len=prompt_len, new_tokens=num_new)
+            row["devices"] = impl.devices
             row |= time_runs(impl, prompts, num_new, settings)
             # other processes' load distorts timings, the more so on few cores: keep it on record
             row["load_avg"] = os.getloadavg()[0]
@@ -205,6 +228,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
             row["floor_ms_per_token"] = floor_ms
             ms = row.get("ms_per_token")
             row["fraction_of_floor"] = floor_ms / ms if ms else None
+            row["scaling_efficiency"] = scaling_efficiency(row, report["results"])
             report["results"].append(row)
             bench_report.write_results(out_dir, report)
             progress.update()
@@ -224,7 +248,10 @@ def check_agreement(settings: Settings, config, tokenizer, params, prompts) -> d
     from nanogpt_jax.bundle import make_bundle
 
     bundle = make_bundle(config, tokenizer, params, "float32")
-    impls = bench_impls.build(settings.impls, bundle, params, torch_device(settings), "float32")
+    mesh = bench_mesh(settings.mesh) if settings.mesh else None
+    impls = bench_impls.build(
+        settings.impls, bundle, params, torch_device(settings), "float32", mesh
+    )
     outputs = {}
     with jax.default_matmul_precision("highest"):
         for name, impl in impls.items():
@@ -246,6 +273,19 @@ def check_agreement(settings: Settings, config, tokenizer, params, prompts) -> d
         "distinct_tokens": int(len(np.unique(reference))),
         "impls": verdicts,
     }
+
+
+def scaling_efficiency(row: dict, earlier: list[dict]) -> float | None:
+    """A multi-device row's tokens/s over N times the single-device `jax` row of its cell."""
+    if row.get("devices", 1) == 1 or not row.get("tok_s"):
+        return None
+    cell = (row["batch_size"], row["prompt_len"], row["new_tokens"])
+    for other in earlier:
+        if other["impl"] == "jax" and (
+            (other["batch_size"], other["prompt_len"], other["new_tokens"]) == cell
+        ):
+            return row["tok_s"] / (row["devices"] * other["tok_s"]) if other.get("tok_s") else None
+    return None
 
 
 def torch_device(settings: Settings) -> str:

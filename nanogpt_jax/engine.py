@@ -27,6 +27,7 @@ from nanogpt_jax.sampling import SamplingParams, sample
 from nanogpt_jax.sharding import batch_sharding, cache_sharding, global_array
 
 FILL = -1  # token buffer slots not written yet, or written after a row stopped
+STEPS_BETWEEN_CHECKS = 16  # decode steps between two looks at whether every row is done
 
 
 @jax.tree_util.register_dataclass
@@ -91,7 +92,8 @@ def decode(
     num_steps: int,
     vocab_size: int,
 ) -> DecodeState:
-    """Draw `num_steps` more tokens for every row (rows that are done only repeat FILL).
+    """Draw `num_steps` more tokens for every row (rows that are done only repeat FILL), or
+    fewer once every row is done. num_steps: a power of two, so groups of steps divide it.
 
     seed: () root of the randomness. row_ids: (B,) each row's index in the request, which
     selects its key stream. num_new: () tokens wanted per row.
@@ -136,17 +138,27 @@ def decode(
             bad_logits=state.bad_logits | bad,
             step=state.step + 1,
         )
-        # next-token logits, unless every row is done
-        more = ~jnp.all(done)
+        # next-token logits
         if state.tokens.shape[1] <= block_size:  # no row can outgrow the window
-            return run_if(more, functools.partial(cached_forward, token), state), None
+            return cached_forward(token, state), None
         windowed = jnp.max(prompt_lengths + state.step) > block_size
-        state = run_if(more & ~windowed, functools.partial(cached_forward, token), state)
-        state = run_if(more & windowed, functools.partial(window_forward, token), state)
+        state = run_if(~windowed, functools.partial(cached_forward, token), state)
+        state = run_if(windowed, functools.partial(window_forward, token), state)
         return state, None
 
-    state, _ = jax.lax.scan(step, state, length=num_steps)
-    return state
+    # Groups of steps with a fixed trip count, checking between groups whether any row still
+    # runs: a GPU decides a data-dependent branch on the host, a pipeline stall, so checking
+    # every step would cost a stall per token. Rows that stopped waste at most a group.
+    group = min(num_steps, STEPS_BETWEEN_CHECKS)
+    last_step = state.step + num_steps
+
+    def more(state: DecodeState):
+        return (state.step < last_step) & ~jnp.all(state.done)
+
+    def run_group(state: DecodeState) -> DecodeState:
+        return jax.lax.scan(step, state, length=group)[0]
+
+    return jax.lax.while_loop(more, run_group, state)
 
 
 def run_if(predicate, function, operand):

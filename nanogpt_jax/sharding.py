@@ -29,17 +29,21 @@ from nanogpt_jax.errors import UserError
 AXES = ("data", "model")
 
 
+def mesh_sizes(spec: str) -> dict[str, int]:
+    """{'data': 4, 'model': 2} from 'data:4,model:2' (an axis left out has size 1)."""
+    sizes = {"data": 1, "model": 1}
+    for part in spec.split(","):
+        name, _, size = part.partition(":")
+        if name.strip() not in sizes or not size.strip().isdigit() or int(size) < 1:
+            raise UserError(f"mesh {spec!r}: write it as data:N,model:M")
+        sizes[name.strip()] = int(size)
+    return sizes
+
+
 def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     """A mesh from 'data:4,model:2' (default: every device on `data`)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": len(devices), "model": 1}
-    if spec:
-        sizes = {"data": 1, "model": 1}
-        for part in spec.split(","):
-            name, _, size = part.partition(":")
-            if name.strip() not in sizes or not size.strip().isdigit() or int(size) < 1:
-                raise UserError(f"mesh {spec!r}: write it as data:N,model:M")
-            sizes[name.strip()] = int(size)
+    sizes = mesh_sizes(spec) if spec else {"data": len(devices), "model": 1}
     if sizes["data"] * sizes["model"] != len(devices):
         raise UserError(
             f"mesh data:{sizes['data']},model:{sizes['model']} needs "

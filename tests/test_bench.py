@@ -69,9 +69,36 @@ def test_bench_smoke(tmp_path):
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_mesh_reports_scaling_efficiency(tmp_path):
+    out = tmp_path / "bench"
+    result = run_script(
+        "bench",
+        "--model=tiny",
+        "--batch_sizes=4",
+        "--prompt_len=8",
+        "--new_tokens=6",
+        "--repeats=1",
+        "--impls=jax",
+        "--mesh=data:2,model:2",
+        f"--out={out}",
+        timeout=300,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "results.json").read_text())
+    assert report["agreement"]["impls"]["jax-mesh"]["agree"] is True  # float32: same tokens
+    one, mesh = report["results"]
+    assert (one["impl"], one["devices"], one["scaling_efficiency"]) == ("jax", 1, None)
+    assert (mesh["impl"], mesh["devices"], mesh["agree_steps"]) == ("jax-mesh", 4, 6)
+    assert mesh["scaling_efficiency"] == pytest.approx(mesh["tok_s"] / (4 * one["tok_s"]))
+    assert "scaling" in result.stdout.splitlines()[1]  # the table's heading
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
+        (["--mesh=data:64"], "needs 64 devices"),
+        (["--mesh=pipeline:2"], "data:N,model:M"),
         (["--batch_sizes=1,x"], "--batch_sizes"),
         (["--impls=jax,tensorflow"], "unknown impl"),
         (["--new_tokens=100"], "block_size"),

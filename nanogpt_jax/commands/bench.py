@@ -3,6 +3,8 @@
 python scripts/bench.py --model=gpt2 --batch_sizes=1,8 --prompt_len=16 --new_tokens=256
 python scripts/bench.py --model=tiny --batch_sizes=1,2 --new_tokens=8 --out=/tmp/bench
 python scripts/bench.py --model=gpt2-xl --device=gpu --dtype=bfloat16 --impls=jax,hf
+XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python scripts/bench.py --model=gpt2 --batch_sizes=8 --impls=jax --mesh=data:8
 
 The table goes to stdout; DIR/results.json, results.csv and throughput.png hold everything.
 See nanogpt_jax/benchmark.py for what each column measures.
@@ -10,6 +12,7 @@ See nanogpt_jax/benchmark.py for what each column measures.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,9 @@ class BenchFlags:
     max_seconds: float | None = None  # skip or shorten runs estimated to take longer
     strict: bool = True  # False: time disagreeing implementations anyway, flagged
     out: str = "bench-out"  # directory for results.json, results.csv, throughput.png
+    mesh: str | None = None  # e.g. data:8 or data:4,model:2: adds jax-mesh on that many
+    # devices and its scaling efficiency against jax on one (CPU: XLA_FLAGS=
+    # --xla_force_host_platform_device_count=8)
 
 
 USAGE = "usage: python scripts/bench.py [--model=gpt2] [--batch_sizes=1,8] [--key=value ...]"
@@ -80,6 +86,10 @@ def main(argv: list[str]) -> None:
         max_seconds=flags.max_seconds,
         strict=flags.strict,
     )
+    if flags.mesh is not None:
+        # the mesh's tokens/s are compared with the engine's on one device
+        impls = ("jax", *(name for name in settings.impls if name != "jax"), "jax-mesh")
+        settings = dataclasses.replace(settings, impls=impls, mesh=flags.mesh)
     validate(settings)
     report = run_benchmark(settings, flags.out)
     out = Path(flags.out)
