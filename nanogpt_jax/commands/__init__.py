@@ -4,6 +4,7 @@ stdout, everything else (progress, timings, warnings, errors) on stderr."""
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from nanogpt_jax.errors import UserError
 
@@ -35,6 +36,18 @@ def reserve_stdout_for_results() -> None:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
+
+
+def read_text_file(path: Path, flag: str) -> str:
+    """A UTF-8 text file named by `--flag`, or a one-line error saying what is wrong with it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--{flag}: no such file {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"--{flag}: {path} is a directory") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--{flag}: {path} is not UTF-8 text") from None
 
 
 def select_platform(device: str | None) -> None:

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt_jax.commands import run
+from nanogpt_jax.commands import read_text_file, run
 from nanogpt_jax.data import prepare_char_dataset
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.flags import parse_flags
@@ -36,24 +36,13 @@ USAGE = "usage: python scripts/prepare_shakespeare_char.py [--input=FILE] [--dat
 def main(argv: list[str]) -> None:
     flags = parse_flags(PrepareFlags, argv, usage=USAGE)
     data_dir = Path(flags.data_dir)
-    text = read_input(Path(flags.input)) if flags.input else downloaded_input(data_dir)
+    text = read_text_file(Path(flags.input), "input") if flags.input else downloaded_input(data_dir)
     sizes = prepare_char_dataset(text, data_dir)
     print(f"length of dataset in characters: {len(text):,}", file=sys.stderr)
     print(f"vocab size: {sizes['vocab_size']}", file=sys.stderr)
     print(f"train has {sizes['train']:,} tokens", file=sys.stderr)
     print(f"val has {sizes['val']:,} tokens", file=sys.stderr)
     print(data_dir)
-
-
-def read_input(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--input: no such file {path}") from None
-    except IsADirectoryError:
-        raise UserError(f"--input: {path} is a directory") from None
-    except UnicodeDecodeError:
-        raise UserError(f"--input: {path} is not UTF-8 text") from None
 
 
 def downloaded_input(data_dir: Path) -> str:
@@ -71,7 +60,7 @@ def downloaded_input(data_dir: Path) -> str:
             ) from None
         data_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    return read_input(path)
+    return read_text_file(path, "input")
 
 
 def entry_point() -> None:

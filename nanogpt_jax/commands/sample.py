@@ -13,7 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanogpt_jax.commands import reserve_stdout_for_results, run, select_platform
+from nanogpt_jax.commands import (
+    read_text_file,
+    reserve_stdout_for_results,
+    run,
+    select_platform,
+)
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.flags import parse_flags
 
@@ -96,13 +101,7 @@ def main(argv: list[str]) -> None:
 
 def read_prompt(start: str) -> str:
     if start.startswith("FILE:"):
-        path = Path(start[len("FILE:") :])
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"--start: no such file {path}") from None
-        except UnicodeDecodeError:
-            raise UserError(f"--start: {path} is not UTF-8 text") from None
+        return read_text_file(Path(start[len("FILE:") :]), "start")
     return start
 
 
