@@ -186,11 +186,18 @@ class Engine:
     def compile_count(self) -> int:
         return len(self.programs)
 
-    def compiled(self, name: str, function: Callable, static: dict, donate: tuple, *args):
-        signature = jax.tree.map(
-            lambda x: (jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None)), args
+    def compiled(self, name: str, function: Callable, static: dict, donate: tuple, params, *args):
+        """The program for `function(graphdef, params, *args, **static)` at these shapes.
+
+        The key leaves out `params`: they are this bundle's, fixed for the engine's life, and
+        describing their tree is costly (milliseconds per call for a large model).
+        """
+        leaves, structure = jax.tree.flatten(args)
+        signature = tuple(
+            (jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves
         )
-        key = (name, tuple(sorted(static.items())), str(jax.tree.structure(args)), str(signature))
+        key = (name, tuple(sorted(static.items())), structure, signature)
+        args = (params, *args)
         if key not in self.programs:
             began = time.perf_counter()
             jitted = jax.jit(
