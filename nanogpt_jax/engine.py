@@ -150,6 +150,7 @@ def decode(
     # runs: a GPU decides a data-dependent branch on the host, a pipeline stall, so checking
     # every step would cost a stall per token. Rows that stopped waste at most a group.
     group = min(num_steps, STEPS_BETWEEN_CHECKS)
+    assert num_steps % group == 0, f"num_steps={num_steps} is not a multiple of {group}"
     last_step = state.step + num_steps
 
     def more(state: DecodeState):
