@@ -121,7 +121,8 @@ def decode(
         logits, _ = model(window, prompt_positions(start, block_size), start=start, last_only=True)
         return dataclasses.replace(state, logits=logits[:, -1])
 
-    def step(state: DecodeState, _):
+    def draw(state: DecodeState) -> tuple[jax.Array, DecodeState]:
+        """Each row's next token, drawn from its logits and written into the buffer."""
         # this row's stream, this step: fold_in(fold_in(root, row), step)
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, state.step)
         drawn = sample(state.logits[:, :vocab_size], keys, sampling)
@@ -138,17 +139,25 @@ def decode(
             bad_logits=state.bad_logits | bad,
             step=state.step + 1,
         )
-        # next-token logits
+        return token, state
+
+    def advance(token, state: DecodeState) -> DecodeState:
+        """The model on the newest tokens: the logits the next draw needs."""
         if state.tokens.shape[1] <= block_size:  # no row can outgrow the window
-            return cached_forward(token, state), None
+            return cached_forward(token, state)
         windowed = jnp.max(prompt_lengths + state.step) > block_size
         state = run_if(~windowed, functools.partial(cached_forward, token), state)
-        state = run_if(windowed, functools.partial(window_forward, token), state)
-        return state, None
+        return run_if(windowed, functools.partial(window_forward, token), state)
+
+    def step(state: DecodeState, _):
+        token, state = draw(state)
+        return advance(token, state), None
 
     # Groups of steps with a fixed trip count, checking between groups whether any row still
     # runs: a GPU decides a data-dependent branch on the host, a pipeline stall, so checking
-    # every step would cost a stall per token. Rows that stopped waste at most a group.
+    # every step would cost a stall per token. Rows that stopped waste at most a group. The
+    # model step that closes a group runs only if a row goes on: a request's last token
+    # needs no logits after it (a one-token request is a prefill and a draw).
     group = min(num_steps, STEPS_BETWEEN_CHECKS)
     assert num_steps % group == 0, f"num_steps={num_steps} is not a multiple of {group}"
     last_step = state.step + num_steps
@@ -157,7 +166,9 @@ def decode(
         return (state.step < last_step) & ~jnp.all(state.done)
 
     def run_group(state: DecodeState) -> DecodeState:
-        return jax.lax.scan(step, state, length=group)[0]
+        state = jax.lax.scan(step, state, length=group - 1)[0]
+        token, state = draw(state)
+        return run_if(~jnp.all(state.done), functools.partial(advance, token), state)
 
     return jax.lax.while_loop(more, run_group, state)
 
