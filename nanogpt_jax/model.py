@@ -112,8 +112,9 @@ class CausalSelfAttention(nnx.Module):
         """
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
-        qkv = self.c_attn(x).reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, D)
+        # split as nanoGPT does, then move heads before time (for one token, no data moves)
+        qkv = self.c_attn(x).reshape(B, T, 3, C)  # sharded inference's c_attn gives (3, C) already
+        q, k, v = (qkv[:, :, i].reshape(B, T, H, D).transpose(0, 2, 1, 3) for i in range(3))
         if kv is not None:
             # write this call's keys and values into the cache, then attend over all S slots
             if kv[0].ndim == 3:
