@@ -69,6 +69,32 @@ def test_cached_decode_equals_full_recompute_past_block_size(gpt2_bundle):
     assert worst <= 1e-5
 
 
+def test_decode_stops_calling_the_model_once_every_row_is_done(char_bundle):
+    """No model step after a request's last token, and no group of steps after every row is
+    done: the cache index counts the model steps that ran."""
+    engine = engine_of(char_bundle)
+    prompt_slots, rows = 16, 2
+    tokens = np.ones((rows, prompt_slots), np.int32)
+    start = np.zeros((rows,), np.int32)
+    row_ids = np.arange(rows, dtype=np.int32)
+    greedy = SamplingParams.create(temperature=0.0)
+    no_stop = jnp.array([FILL])
+
+    def decode(num_new, num_steps):
+        state = engine.prefill(tokens, start, 64)
+        state = engine.decode(state, 0, row_ids, greedy, num_new, no_stop, prompt_slots, num_steps)
+        return int(state.step), int(state.cache.index) - prompt_slots, np.asarray(state.tokens)
+
+    assert decode(num_new=1, num_steps=1)[:2] == (1, 0)  # a prefill and a draw
+    assert decode(num_new=2, num_steps=2)[:2] == (2, 1)
+    assert decode(num_new=10, num_steps=2)[:2] == (2, 2)  # rows go on: their next logits
+    # done after 3 tokens: the first group of 16 steps runs, the other three are skipped
+    steps, model_steps, written = decode(num_new=3, num_steps=64)
+    assert (steps, model_steps) == (16, 15)
+    new = written[:, prompt_slots:]
+    assert np.all(new[:, :3] != FILL) and np.all(new[:, 3:] == FILL)
+
+
 def test_greedy_equals_transformers_generate(gpt2_bundle):
     bundle, hf_model = gpt2_bundle
     prompts = [[464, 3290, 318], [15496, 11, 616, 1438, 318, 257, 1110, 290], [50256]]
