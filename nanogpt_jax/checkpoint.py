@@ -47,9 +47,15 @@ def metadata(config: GPTConfig, tokenizer: Tokenizer, info: dict | None = None) 
 
 def write_metadata(directory: Path, meta: dict) -> None:
     """Replace DIR/nanogpt_jax.json atomically: a training run rewrites it at every save."""
-    path = Path(directory) / METADATA_FILE
-    temporary = path.with_name(f".{METADATA_FILE}.partial-{uuid.uuid4().hex[:8]}")
-    temporary.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(
+        Path(directory) / METADATA_FILE, json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+    )
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file under a hidden name, then rename it into place: readers never see half."""
+    temporary = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    temporary.write_text(text)
     os.replace(temporary, path)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -32,6 +31,7 @@ from nanogpt_jax.checkpoint import (
     TRAINING_DIR,
     on_default_device,
     replace_directory,
+    write_text_atomic,
 )
 from nanogpt_jax.errors import UserError
 
@@ -172,12 +172,6 @@ def iter_of(line: str) -> float:
         return json.loads(line)["iter"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def abstract_tree(tree):
