@@ -7,11 +7,11 @@ of this model's (out, in), and lm_head tied to wte. Configs without biases (nano
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.convert import is_linear_weight, torch_name
+from nanogpt_jax.convert import is_linear_weight
+from nanogpt_jax.torch_reference import state_dict_from_params
 
 
 def hf_state_dict(config: GPTConfig, params: dict, vocab_size: int | None = None) -> dict:
@@ -20,18 +20,13 @@ def hf_state_dict(config: GPTConfig, params: dict, vocab_size: int | None = None
     vocab_size: keep only the first `vocab_size` rows of wte (a tokenizer's ids), dropping the
     padding rows of a nanoGPT vocabulary so that argmax never lands on them.
     """
-    import jax
-
     state = {}
-
-    def add(path, value):
-        name = torch_name(tuple(getattr(k, "key", k) for k in path))
-        array = np.array(value, dtype=np.float32)
-        if is_linear_weight(name):
-            array = array.T  # (out, in) -> Conv1D's (in, out)
-        state[f"transformer.{name}"] = torch.from_numpy(np.ascontiguousarray(array))
-
-    jax.tree_util.tree_map_with_path(add, params)
+    for name, tensor in state_dict_from_params(params).items():  # nanoGPT's names and layouts
+        if name == "lm_head.weight":
+            continue  # tied again below, after wte is cropped
+        if is_linear_weight(name.removeprefix("transformer.")):
+            tensor = tensor.T.contiguous()  # (out, in) -> Conv1D's (in, out)
+        state[name] = tensor
     if vocab_size is not None:
         state["transformer.wte.weight"] = state["transformer.wte.weight"][:vocab_size].clone()
     if not config.bias:
