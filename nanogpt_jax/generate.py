@@ -120,8 +120,8 @@ def generate(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     if chunk_size is None:
-        # one scan over the whole new-token bucket (steps past max_new_tokens are skipped), or
-        # chunks when the host must look at the text in between
+        # one call over the whole new-token bucket (it ends within a group of steps of the
+        # last row's stop), or chunks when the host must look at the text in between
         chunk_size = 8 if on_text else (32 if stop_texts else max_new_tokens)
 
     engine = engine_of(bundle)
