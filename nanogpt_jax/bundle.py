@@ -14,7 +14,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from nanogpt_jax.checkpoint import abstract_model, load_params, read_metadata, save_model
+from nanogpt_jax.checkpoint import (
+    METADATA_FILE,
+    abstract_model,
+    load_params,
+    read_metadata,
+    save_model,
+)
 from nanogpt_jax.config import PRESETS, GPTConfig
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.sharding import shard_params
@@ -102,14 +108,42 @@ def load(
     """Load a model by checkpoint path, preset name (gpt2 ... gpt2-xl) or built-in name.
 
     Presets are downloaded from the Hugging Face hub and converted on first use, then cached
-    under `cache_home()`. `dtype` is the compute dtype: float32, or bfloat16 for accelerators.
-    With a `mesh` (see `nanogpt_jax.sharding.make_mesh`), each process reads only the parts of
-    the parameters its devices hold.
+    under `cache_home()`. PyTorch weights that are not a preset (a Hugging Face GPT-2 directory,
+    a nanoGPT ckpt.pt or the run directory holding it) are converted in memory at every load;
+    scripts/convert.py saves that work. `dtype` is the compute dtype: float32, or bfloat16 for
+    accelerators. With a `mesh` (see `nanogpt_jax.sharding.make_mesh`), each process reads only
+    the parts of the parameters its devices hold.
     """
     path = resolve(str(name_or_path))
+    weights = pytorch_weights(path)
+    if weights is not None:
+        from nanogpt_jax.convert import convert
+
+        print(
+            f"converting {weights} (save it with scripts/convert.py to skip this)", file=sys.stderr
+        )
+        converted = convert(str(weights))
+        info = {"source": converted.source}
+        return make_bundle(
+            converted.config, converted.tokenizer, converted.params, dtype, info, mesh
+        )
     config, tokenizer, info = read_metadata(path)
     params = load_params(path, config, mesh)
     return make_bundle(config, tokenizer, params, dtype, info, mesh)
+
+
+def pytorch_weights(path: Path) -> Path | None:
+    """What to convert, when `path` holds PyTorch GPT-2 weights rather than a nanogpt-jax
+    checkpoint: a weights file, a nanoGPT run directory's ckpt.pt, a Hugging Face directory."""
+    if (path / METADATA_FILE).is_file():
+        return None
+    if path.is_file():
+        return path
+    if (path / "ckpt.pt").is_file():
+        return path / "ckpt.pt"
+    if (path / "config.json").is_file():
+        return path
+    return None
 
 
 def resolve(name_or_path: str) -> Path:

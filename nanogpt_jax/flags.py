@@ -4,7 +4,7 @@ A command declares its flags as a dataclass; every value is type-checked against
 annotation. Values are Python literals (`--top_k=None`, `--bias=False`, `--temperature=0.8`);
 string flags also take bare words (`--out_dir=out-shakespeare-char`). Config files hold
 `name = literal` assignments (arithmetic on numbers allowed: `max_iters = 5 * 1000`) and
-comments, nothing else.
+comments, nothing else. A boolean flag given bare (`--force`) is set to True.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ from typing import Any
 
 from nanogpt_jax.config import checked_fields
 from nanogpt_jax.errors import UserError
+
+
+def flag(default, help: str):
+    """A dataclass field for a flag, with the line `--help` prints beside it."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
 
 _ARITHMETIC = {
     ast.Add: operator.add,
@@ -43,10 +49,12 @@ def parse_flags(flags_class, argv: list[str], *, config_files: bool = False, usa
             sys.exit(0)
         if arg.startswith("--"):
             key, sep, raw = arg[2:].partition("=")
-            if not sep:
-                raise UserError(f"flag {arg} needs a value: write --{key}=VALUE")
             if key not in fields:
                 raise UserError(f"unknown flag --{key} (see --help for the flags)")
+            if not sep:
+                if fields[key].type not in ("bool", bool):
+                    raise UserError(f"flag {arg} needs a value: write --{key}=VALUE")
+                raw = "True"
             values[fields[key].name] = parse_value(raw, fields[key].type)
         elif config_files:
             for key, value in read_config_file(arg).items():

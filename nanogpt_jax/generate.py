@@ -116,7 +116,7 @@ def generate(
         )
     sampling = SamplingParams.create(temperature, top_k, top_p, min_p, tokenizer.vocab_size)
     stop_ids, stop_texts = split_stops(stop, tokenizer)
-    batch_size = batch_size or len(rows)
+    batch_size = len(rows) if batch_size is None else batch_size
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     if chunk_size is None:

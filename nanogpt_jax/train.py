@@ -13,6 +13,7 @@ eval_interval or equals max_iters, both splits are evaluated and a checkpoint is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -33,6 +34,7 @@ from nanogpt_jax.data import (
     open_dataset,
     sample_batch,
 )
+from nanogpt_jax.errors import UserError
 from nanogpt_jax.optim import learning_rate_schedule, make_optimizer
 from nanogpt_jax.train_checkpoint import RunDirectory
 from nanogpt_jax.train_config import TrainConfig
@@ -64,7 +66,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = log_to_stderr) -> Tr
     dataset = open_dataset(config.data_path, config.block_size)
     root = jax.random.key(config.seed)
     optimizer = make_optimizer(config)
-    with RunDirectory(config.out_dir) as run:
+    with wandb_reporter(config) as report, RunDirectory(config.out_dir) as run:
         init_key = jax.random.fold_in(root, INIT_STREAM)
         start = starting_point(config, dataset, run, optimizer, init_key, log)
         model_config, tokenizer, params = start.model_config, start.tokenizer, start.params
@@ -81,7 +83,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = log_to_stderr) -> Tr
             f"parameters: {num_params / 1e6:.2f}M; tokens per iteration: {config.tokens_per_iter:,}"
         )
 
-        def evaluate() -> dict:
+        def evaluate(mfu: float | None = None) -> dict:
             losses = {
                 split: estimate_loss(graphdef, params, dataset, split, config, iter_num)
                 for split in SPLITS
@@ -95,6 +97,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = log_to_stderr) -> Tr
                 elapsed_s=round(elapsed_before + time.perf_counter() - began, 3),
             )
             result.evaluations.append(record)
+            report(record, mfu)
             return record
 
         if config.eval_only:
@@ -130,7 +133,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = log_to_stderr) -> Tr
                     f"norm {float(metrics.grad_norm):.3f}, {timer.lap(config.tokens_per_iter)}"
                 )
             if iter_num % config.eval_interval == 0 or iter_num == config.max_iters:
-                record = evaluate()
+                record = evaluate(timer.running_mfu)
                 run.append_metrics(record)
                 improved = record["val_loss"] < best_val_loss
                 best_val_loss = min(best_val_loss, record["val_loss"])
@@ -152,6 +155,34 @@ def train(config: TrainConfig, log: Callable[[str], None] = log_to_stderr) -> Tr
                 timer.restart()  # evaluation is not step time
         result.iter_num, result.best_val_loss = iter_num, best_val_loss
         return result
+
+
+@contextlib.contextmanager
+def wandb_reporter(config: TrainConfig):
+    """report(record, mfu): each evaluation sent to Weights & Biases as nanoGPT's wandb_log
+    sends it; a no-op unless config.wandb_log. wandb is imported only when asked for."""
+    if not config.wandb_log:
+        yield lambda record, mfu: None
+        return
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True needs the wandb package: pip install wandb") from None
+    wandb_run = wandb.init(
+        project=config.wandb_project, name=config.wandb_run_name, config=config.to_dict()
+    )
+
+    def report(record: dict, mfu: float | None) -> None:
+        values = {"iter": record["iter"], "train/loss": record["train_loss"]}
+        values |= {"val/loss": record["val_loss"], "lr": record["lr"]}
+        if mfu is not None:
+            values["mfu"] = mfu * 100  # percent, as nanoGPT logs it
+        wandb_run.log(values)
+
+    try:
+        yield report
+    finally:
+        wandb_run.finish()
 
 
 class StepTimer:

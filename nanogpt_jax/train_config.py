@@ -6,58 +6,61 @@ Kept free of JAX imports so that a command line is validated before any backend 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.flags import flag
 
 PRETRAINED_NOTE = "scratch | resume | gpt2 ... gpt2-xl | shakespeare-char | a checkpoint dir"
-
-
-def doc(default, text: str):
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # I/O
-    out_dir: str = doc("out", "run directory: checkpoints/, nanogpt_jax.json, metrics.jsonl")
-    eval_interval: int = doc(2000, "evaluate and checkpoint every this many iterations")
-    log_interval: int = 1
-    eval_iters: int = doc(200, "batches per split in each evaluation")
-    eval_only: bool = doc(False, "evaluate once and exit")
-    always_save_checkpoint: bool = doc(True, "False: out_dir serves the best-val params")
-    init_from: str = doc("scratch", PRETRAINED_NOTE)
+    out_dir: str = flag("out", "run directory: checkpoints/, nanogpt_jax.json, metrics.jsonl")
+    eval_interval: int = flag(2000, "evaluate and checkpoint every this many iterations")
+    log_interval: int = flag(1, "print a training line every this many iterations")
+    eval_iters: int = flag(200, "batches per split in each evaluation")
+    eval_only: bool = flag(False, "evaluate once and exit")
+    always_save_checkpoint: bool = flag(True, "False: out_dir serves the best-val params")
+    init_from: str = flag("scratch", PRETRAINED_NOTE)
+    # Weights & Biases logging (wandb is imported only when wandb_log is True)
+    wandb_log: bool = flag(False, "send each evaluation to Weights & Biases (pip install wandb)")
+    wandb_project: str = flag("owt", "the wandb project")
+    wandb_run_name: str = flag("gpt2", "the wandb run's name")
     # data
-    dataset: str = "openwebtext"
-    data_dir: str | None = doc(None, "default: data/<dataset>")
-    gradient_accumulation_steps: int = 40  # nanoGPT's 5 * 8 (it divides by 8 GPUs; one here)
-    batch_size: int = 12
-    block_size: int = 1024
+    dataset: str = flag("openwebtext", "names the data directory, data/<dataset>")
+    data_dir: str | None = flag(None, "default: data/<dataset>")
+    # nanoGPT's 5 * 8 (it divides by its 8 GPUs; one process here)
+    gradient_accumulation_steps: int = flag(40, "micro-batches per optimizer step")
+    batch_size: int = flag(12, "sequences per micro-batch")
+    block_size: int = flag(1024, "context length in tokens")
     # model (init_from=scratch; pretrained and resumed models keep their own shape)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = False
+    n_layer: int = flag(12, "transformer blocks")
+    n_head: int = flag(12, "attention heads per block")
+    n_embd: int = flag(768, "channels of the residual stream")
+    dropout: float = flag(0.0, "dropout rate while training (0.0 for pretraining)")
+    bias: bool = flag(False, "biases in Linear and LayerNorm layers (GPT-2: True)")
     # AdamW
-    learning_rate: float = 6e-4
-    max_iters: int = doc(600000, "total optimizer steps")
-    weight_decay: float = 1e-1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = doc(1.0, "clip gradients to this global norm; 0 disables clipping")
+    learning_rate: float = flag(6e-4, "peak learning rate")
+    max_iters: int = flag(600000, "total optimizer steps")
+    weight_decay: float = flag(1e-1, "AdamW decay of the 2-D weights (not biases, norms)")
+    beta1: float = flag(0.9, "AdamW first-moment decay")
+    beta2: float = flag(0.95, "AdamW second-moment decay")
+    grad_clip: float = flag(1.0, "clip gradients to this global norm; 0 disables clipping")
     # learning-rate schedule
-    decay_lr: bool = True
-    warmup_iters: int = 2000
-    lr_decay_iters: int = 600000
-    min_lr: float = 6e-5
+    decay_lr: bool = flag(True, "False: learning_rate throughout")
+    warmup_iters: int = flag(2000, "linear warmup from 0 over this many iterations")
+    lr_decay_iters: int = flag(600000, "cosine decay to min_lr ends here (~max_iters)")
+    min_lr: float = flag(6e-5, "learning rate after the decay (~learning_rate / 10)")
     # system
-    device: str | None = doc(None, "cpu | gpu | tpu (default: JAX's default backend)")
-    dtype: str | None = doc(None, "compute dtype float32 | bfloat16 (default: float32 on cpu)")
-    compile: bool = doc(True, "accepted for nanoGPT command lines; a no-op, jax.jit compiles")
-    seed: int = doc(1337, "parameter init, dropout and batch streams all derive from it")
-    peak_flops: float | None = doc(None, "device peak FLOP/s for MFU (default: known GPUs/TPUs)")
+    backend: str = flag("nccl", "accepted for nanoGPT command lines; a no-op, one process trains")
+    device: str | None = flag(None, "cpu | gpu | tpu (default: JAX's default backend)")
+    dtype: str | None = flag(None, "compute dtype float32 | bfloat16 (default: float32 on cpu)")
+    compile: bool = flag(True, "accepted for nanoGPT command lines; a no-op, jax.jit compiles")
+    seed: int = flag(1337, "parameter init, dropout and batch streams all derive from it")
+    peak_flops: float | None = flag(None, "device peak FLOP/s for MFU (default: known GPUs/TPUs)")
 
     def __post_init__(self):
         positive = (

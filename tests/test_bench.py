@@ -103,7 +103,7 @@ def test_bench_mesh_reports_scaling_efficiency(tmp_path):
         (["--impls=jax,tensorflow"], "unknown impl"),
         (["--new_tokens=100"], "block_size"),
         (["--device=tpu3"], "device"),
-        (["--batch"], "needs a value"),
+        (["--repeats"], "needs a value"),
     ],
 )
 def test_bench_bad_flags(argv, fragment):

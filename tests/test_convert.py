@@ -154,6 +154,22 @@ def test_convert_cli_writes_a_loadable_checkpoint(tmp_path, shakespeare_chars):
     bundle = nanogpt_jax.load(tmp_path / "ckpt")
     assert bundle.config.vocab_size == 65 and bundle.tokenizer.vocab_size == 65
 
+    # the same conversion again replaces the checkpoint only when told to
+    again = [f"--from={tmp_path / 'run' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'ckpt'}"]
+    assert_one_line_error(run_script("convert", *again), "--force")
+    forced = run_script("convert", *again, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert nanogpt_jax.load(tmp_path / "ckpt").config == bundle.config
+
+
+def test_load_converts_pytorch_weights_in_memory(gpt2_checkpoint):
+    """A Hugging Face directory loads as the checkpoint converted from it, bit for bit."""
+    path, _ = gpt2_checkpoint
+    ids = np.arange(12).reshape(2, 6)
+    saved = nanogpt_jax.load(path).logits(ids)
+    direct = nanogpt_jax.load(path.parent / "hf").logits(ids)
+    assert np.array_equal(np.asarray(saved), np.asarray(direct))
+
 
 def test_convert_cli_bad_inputs(tmp_path, shakespeare_chars):
     missing = run_script("convert", f"--from={tmp_path / 'nope.pt'}", f"--out_dir={tmp_path / 'x'}")

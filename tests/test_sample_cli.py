@@ -42,6 +42,17 @@ def test_streaming_prints_the_same_samples(char_checkpoint, tmp_path):
     assert streamed.stdout == plain.stdout
 
 
+def test_a_nanogpt_run_directory_samples_as_its_conversion_does(char_checkpoint):
+    """nanoGPT's `--out_dir=out-shakespeare-char` (ckpt.pt and meta.pkl) works unconverted."""
+    nanogpt_out_dir = char_checkpoint.parent / "torch"
+    flags = ["--start=ROMEO:", "--num_samples=2", "--max_new_tokens=20", "--seed=3"]
+    direct = run_script("sample", f"--out_dir={nanogpt_out_dir}", *flags)
+    converted = sample(char_checkpoint, *flags)
+    assert direct.returncode == 0, direct.stderr
+    assert "converting" in direct.stderr and "ckpt.pt" in direct.stderr
+    assert direct.stdout == converted.stdout
+
+
 def test_prompt_from_file_and_long_prompts(char_checkpoint, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("ROMEO:\n" * 10)  # 70 characters, block_size is 32
@@ -65,6 +76,8 @@ def test_prompt_from_file_and_long_prompts(char_checkpoint, tmp_path):
         ("--start=ROMEO: ©", "outside"),
         ("--start=", "empty prompt"),
         ("--start=FILE:/no/such/prompt.txt", "no such file"),
+        ("--batch_size=0", "batch_size"),
+        ("--seed", "needs a value"),
     ],
 )
 def test_bad_input_is_one_line(char_checkpoint, flag, fragment):

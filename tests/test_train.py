@@ -4,6 +4,7 @@ fine-tuning, nanoGPT's optimizer settings, and one-line errors for bad input."""
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -19,6 +20,7 @@ from nanogpt_jax.commands.train import main as train_main
 from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.data import prepare_char_dataset
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.flags import parse_flags
 from nanogpt_jax.model import GPT
 from nanogpt_jax.optim import decays, learning_rate_schedule, make_optimizer
 from nanogpt_jax.train import train
@@ -270,10 +272,111 @@ def test_dropout_is_drawn_from_the_step_key(tiny_params):
     assert losses[0] == losses[1] != losses[2]
 
 
+NANOGPT_SHAKESPEARE_CONFIG = """
+# train a miniature character-level shakespeare model
+# good for debugging and playing on macbooks and such
+
+out_dir = 'out-shakespeare-char'
+eval_interval = 250 # keep frequent because we'll overfit
+eval_iters = 200
+log_interval = 10 # don't print too too often
+
+# we expect to overfit on this small dataset, so only save when val improves
+always_save_checkpoint = False
+
+wandb_log = False # override via command line if you like
+wandb_project = 'shakespeare-char'
+wandb_run_name = 'mini-gpt'
+
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 256 # context of up to 256 previous characters
+
+# baby GPT model :)
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+
+learning_rate = 1e-3 # with baby networks can afford to go a bit higher
+max_iters = 5000
+lr_decay_iters = 5000 # make equal to max_iters usually
+min_lr = 1e-4 # learning_rate / 10 usually
+beta2 = 0.99 # make a bit bigger because number of tokens per iter is small
+
+warmup_iters = 100 # not super necessary potentially
+
+# on macbook also add
+# device = 'cpu'  # run on cpu only
+# compile = False # do not torch compile the model
+"""
+
+
+def test_nanogpt_config_files_are_read_as_they_are(tmp_path):
+    """nanoGPT's own config/train_shakespeare_char.py, verbatim, and its command-line flags."""
+    path = tmp_path / "train_shakespeare_char.py"
+    path.write_text(NANOGPT_SHAKESPEARE_CONFIG)
+    argv = [str(path), "--device=cpu", "--compile=False", "--wandb_log=True"]
+    config = parse_flags(TrainConfig, argv, config_files=True)
+    ours = parse_flags(TrainConfig, ["configs/train_shakespeare_char.py"], config_files=True)
+    assert (config.wandb_log, config.wandb_project, config.wandb_run_name) == (
+        True,
+        "shakespeare-char",
+        "mini-gpt",
+    )
+    differing = {
+        name
+        for name in TrainConfig.__dataclass_fields__
+        if getattr(config, name) != getattr(ours, name)
+    }
+    assert differing == {"wandb_log", "wandb_project", "wandb_run_name", "device", "compile"}
+
+
+class FakeWandb:
+    """Records what the training loop hands to the `wandb` module."""
+
+    def __init__(self):
+        self.init_kwargs, self.logged, self.finished = None, [], False
+
+    def init(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, values):
+        self.logged.append(values)
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_log_reports_every_evaluation(tmp_path, data_dir, monkeypatch):
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    names = dict(wandb_project="shakespeare-char", wandb_run_name="mini-gpt")
+    config = tiny(tmp_path, data_dir, max_iters=10, eval_interval=5, wandb_log=True, **names)
+    result = train(config, log=lambda line: None)
+    assert wandb.init_kwargs["project"] == "shakespeare-char"
+    assert wandb.init_kwargs["name"] == "mini-gpt"
+    assert wandb.init_kwargs["config"]["max_iters"] == 10
+    assert [values["iter"] for values in wandb.logged] == [0, 5, 10]
+    for values, record in zip(wandb.logged, result.evaluations, strict=True):
+        assert values["val/loss"] == record["val_loss"]
+        assert values["train/loss"] == record["train_loss"] and values["lr"] == record["lr"]
+    assert wandb.finished
+
+
+def test_wandb_log_without_wandb_is_one_error(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(UserError, match="pip install wandb"):
+        train(tiny(tmp_path / "run", data_dir, wandb_log=True), log=lambda line: None)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "config_text, fragments",
     [
-        ("learning_rate = 1e-3\nwandb_log = False\n", ["unknown setting", "wandb_log"]),
+        ("learning_rate = 1e-3\nn_heads = 4\n", ["unknown setting", "n_heads"]),
         ("batch_size = int('12')\n", ["not a literal", "batch_size"]),
         ("batch_size = '12'\n", ["batch_size", "expected int"]),
         ("import os\n", ["only `name = value`"]),

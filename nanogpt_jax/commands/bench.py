@@ -19,29 +19,33 @@ from pathlib import Path
 
 from nanogpt_jax.commands import run, select_platform
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.flags import parse_flags
+from nanogpt_jax.flags import flag, parse_flags
 
 
 @dataclass
 class BenchFlags:
-    model: str = "gpt2"  # tiny | gpt2 ... gpt2-xl (shapes, random weights) | a checkpoint dir
-    batch_sizes: str = "1,8"  # comma lists: every combination is run
-    prompt_len: str = "16"
-    new_tokens: str = "256"
-    repeats: int = 3  # timed runs per cell, after the warm-ups
-    impls: str | None = None  # jax,jax-nocache,torch-nanogpt,torch-compile,hf (default: all
-    # available but torch-compile)
-    device: str = "cpu"  # cpu | gpu
-    dtype: str | None = None  # float32 | bfloat16 | float16 (default: float32 on cpu, else bf16)
-    threads: int | None = None  # CPU threads of every implementation (default: all cores)
-    check_steps: int = 32  # greedy steps that must agree before anything is timed
-    seed: int = 0  # weights of a random shape, and the prompts
-    max_seconds: float | None = None  # skip or shorten runs estimated to take longer
-    strict: bool = True  # False: time disagreeing implementations anyway, flagged
-    out: str = "bench-out"  # directory for results.json, results.csv, throughput.png
-    mesh: str | None = None  # e.g. data:8 or data:4,model:2: adds jax-mesh on that many
-    # devices and its scaling efficiency against jax on one (CPU: XLA_FLAGS=
-    # --xla_force_host_platform_device_count=8)
+    model: str = flag("gpt2", "tiny | gpt2 ... gpt2-xl (shapes, random weights) | a checkpoint dir")
+    batch_sizes: str = flag("1,8", "comma list; every combination of the three lists is run")
+    prompt_len: str = flag("16", "comma list of prompt lengths, in tokens")
+    new_tokens: str = flag("256", "comma list of generated lengths, in tokens")
+    repeats: int = flag(3, "timed runs per cell, after the warm-ups")
+    impls: str | None = flag(
+        None, "jax,jax-nocache,torch-nanogpt,torch-compile,hf (default: all but torch-compile)"
+    )
+    device: str = flag("cpu", "cpu | gpu")
+    dtype: str | None = flag(
+        None, "float32 | bfloat16 | float16 (default: float32 on cpu, else bf16)"
+    )
+    threads: int | None = flag(None, "CPU threads of every implementation (default: all cores)")
+    check_steps: int = flag(32, "greedy steps that must agree before anything is timed")
+    seed: int = flag(0, "weights of a random shape, and the prompts")
+    max_seconds: float | None = flag(None, "skip or shorten runs estimated to take longer")
+    strict: bool = flag(True, "False: time disagreeing implementations anyway, flagged")
+    out: str = flag("bench-out", "directory for results.json, results.csv, throughput.png")
+    # on CPU, several devices come from XLA_FLAGS=--xla_force_host_platform_device_count=8
+    mesh: str | None = flag(
+        None, "e.g. data:8 or data:4,model:2: adds jax-mesh on that many devices, with scaling"
+    )
 
 
 USAGE = "usage: python scripts/bench.py [--model=gpt2] [--batch_sizes=1,8] [--key=value ...]"

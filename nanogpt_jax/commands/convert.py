@@ -12,15 +12,17 @@ from dataclasses import dataclass
 
 from nanogpt_jax.commands import run
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.flags import parse_flags
+from nanogpt_jax.flags import flag, parse_flags
 
 
 @dataclass
 class ConvertFlags:
-    from_: str | None = None  # gpt2 ... gpt2-xl | a Hugging Face directory | a nanoGPT ckpt.pt
-    out_dir: str | None = None  # the checkpoint directory to write
-    meta: str | None = None  # a nanoGPT meta.pkl (default: the one beside ckpt.pt, if any)
-    force: bool = False  # replace an existing out_dir
+    from_: str | None = flag(
+        None, "gpt2 ... gpt2-xl | a Hugging Face directory | a nanoGPT ckpt.pt"
+    )
+    out_dir: str | None = flag(None, "the checkpoint directory to write")
+    meta: str | None = flag(None, "a nanoGPT meta.pkl (default: the one beside ckpt.pt, if any)")
+    force: bool = flag(False, "replace an existing out_dir")
 
 
 USAGE = "usage: python scripts/convert.py --from=SRC --out_dir=DIR [--meta=meta.pkl] [--force]"

@@ -16,7 +16,7 @@ from pathlib import Path
 from nanogpt_jax.commands import read_text_file, run
 from nanogpt_jax.data import prepare_char_dataset
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.flags import parse_flags
+from nanogpt_jax.flags import flag, parse_flags
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -26,8 +26,8 @@ DOWNLOAD_TIMEOUT_S = 30
 
 @dataclass
 class PrepareFlags:
-    input: str | None = None  # the text to prepare (default: download tiny Shakespeare)
-    data_dir: str = "data/shakespeare_char"
+    input: str | None = flag(None, "the text to prepare (default: download tiny Shakespeare)")
+    data_dir: str = flag("data/shakespeare_char", "where train.bin, val.bin, meta.pkl go")
 
 
 USAGE = "usage: python scripts/prepare_shakespeare_char.py [--input=FILE] [--data_dir=DIR]"

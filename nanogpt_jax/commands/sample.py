@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanogpt_jax.commands import (
@@ -20,33 +20,32 @@ from nanogpt_jax.commands import (
     select_platform,
 )
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.flags import parse_flags
+from nanogpt_jax.flags import flag, parse_flags
 
 SEPARATOR = "---------------"
 
 
-def doc(text: str):
-    return field(metadata={"help": text})
-
-
 @dataclass
 class SampleFlags:
-    init_from: str = "resume"  # resume | gpt2 ... gpt2-xl | shakespeare-char | a checkpoint dir
-    out_dir: str = "out"  # the checkpoint read by --init_from=resume
-    start: str = "\n"  # prompt text, or FILE:path to read it from a file
-    num_samples: int = 10
-    max_new_tokens: int = 500
-    temperature: float = 0.8  # 0 is greedy decoding
-    top_k: int | None = 200  # None disables top-k
-    top_p: float = 1.0  # nucleus sampling; 1.0 disables it
-    min_p: float = 0.0  # keep tokens with prob >= min_p * max prob; 0 disables it
-    stop: str | None = None  # end a sample at this string (e.g. <|endoftext|>)
-    seed: int = 1337
-    batch_size: int | None = None  # samples generated together (default: all)
-    stream: bool = False  # print text as it is generated, one sample at a time
-    device: str | None = None  # cpu | gpu | tpu (default: JAX's default backend)
-    dtype: str | None = None  # float32 | bfloat16 | float16 (default: float32 on cpu)
-    mesh: str | None = None  # e.g. data:4,model:2 over all devices (default: one device)
+    init_from: str = flag(
+        "resume", "resume | gpt2 ... gpt2-xl | shakespeare-char | a checkpoint dir"
+    )
+    out_dir: str = flag("out", "the checkpoint read by --init_from=resume")
+    start: str = flag("\n", "prompt text, or FILE:path to read it from a file")
+    num_samples: int = flag(10, "samples drawn from the prompt")
+    max_new_tokens: int = flag(500, "tokens generated per sample")
+    temperature: float = flag(0.8, "divides the logits; 0 is greedy decoding")
+    top_k: int | None = flag(200, "keep the k likeliest tokens; None disables top-k")
+    top_p: float = flag(1.0, "nucleus sampling; 1.0 disables it")
+    min_p: float = flag(0.0, "keep tokens with prob >= min_p * max prob; 0 disables it")
+    stop: str | None = flag(None, "end a sample at this string (e.g. <|endoftext|>)")
+    seed: int = flag(1337, "the same seed gives the same samples, whatever the batch size")
+    batch_size: int | None = flag(None, "samples generated together (default: all)")
+    stream: bool = flag(False, "print text as it is generated, one sample at a time")
+    device: str | None = flag(None, "cpu | gpu | tpu (default: JAX's default backend)")
+    dtype: str | None = flag(None, "float32 | bfloat16 | float16 (default: float32 on cpu)")
+    compile: bool = flag(True, "accepted for nanoGPT command lines; a no-op, jax.jit compiles")
+    mesh: str | None = flag(None, "e.g. data:4,model:2 over all devices (default: one device)")
 
 
 USAGE = "usage: python scripts/sample.py [--key=value ...]"
