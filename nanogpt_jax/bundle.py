@@ -114,22 +114,22 @@ def load(
     accelerators. With a `mesh` (see `nanogpt_jax.sharding.make_mesh`), each process reads only
     the parts of the parameters its devices hold.
     """
-    path = resolve(str(name_or_path))
-    weights = pytorch_weights(path)
-    if weights is not None:
-        from nanogpt_jax.convert import convert
-
-        print(
-            f"converting {weights} (save it with scripts/convert.py to skip this)", file=sys.stderr
-        )
-        converted = convert(str(weights))
-        info = {"source": converted.source}
-        return make_bundle(
-            converted.config, converted.tokenizer, converted.params, dtype, info, mesh
-        )
-    config, tokenizer, info = read_metadata(path)
-    params = load_params(path, config, mesh)
+    config, tokenizer, params, info = read_model(resolve(str(name_or_path)), mesh)
     return make_bundle(config, tokenizer, params, dtype, info, mesh)
+
+
+def read_model(path: Path, mesh: Mesh | None = None) -> tuple[GPTConfig, Tokenizer, dict, dict]:
+    """Config, tokenizer, parameter tree and info of a checkpoint directory, or of PyTorch
+    weights (see `pytorch_weights`) converted in memory."""
+    weights = pytorch_weights(path)
+    if weights is None:
+        config, tokenizer, info = read_metadata(path)
+        return config, tokenizer, load_params(path, config, mesh), info
+    from nanogpt_jax.convert import convert
+
+    print(f"converting {weights} (save it with scripts/convert.py to skip this)", file=sys.stderr)
+    converted = convert(str(weights))  # host arrays, placed by the caller
+    return converted.config, converted.tokenizer, converted.params, {"source": converted.source}
 
 
 def pytorch_weights(path: Path) -> Path | None:

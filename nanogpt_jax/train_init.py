@@ -8,8 +8,8 @@ import dataclasses
 import jax
 from flax import nnx
 
-from nanogpt_jax.bundle import resolve
-from nanogpt_jax.checkpoint import abstract_model, load_params, params_of, read_metadata
+from nanogpt_jax.bundle import read_model, resolve
+from nanogpt_jax.checkpoint import abstract_model, params_of, read_metadata
 from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.data import Dataset
 from nanogpt_jax.errors import UserError
@@ -82,12 +82,11 @@ def starting_point(
 
 
 def pretrained(config: TrainConfig, dataset: Dataset, log) -> Start:
-    """Fine-tune a converted GPT-2, built-in model or checkpoint directory (nanoGPT's
-    init_from=gpt2*): its shape and weights, this run's dropout, cropped to block_size."""
-    path = resolve(config.init_from)
-    model_config, tokenizer, _ = read_metadata(path)
+    """Fine-tune a converted GPT-2, built-in model, checkpoint directory or PyTorch weights
+    (nanoGPT's init_from=gpt2*): its shape and weights, this run's dropout, cropped to
+    block_size."""
+    model_config, tokenizer, params, _ = read_model(resolve(config.init_from))
     check_tokenizer(dataset, tokenizer, config.init_from)
-    params = load_params(path, model_config)
     note_model_shape(config, model_config, config.init_from, log)
     if config.block_size > model_config.block_size:
         raise UserError(

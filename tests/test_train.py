@@ -186,6 +186,26 @@ def test_fine_tune_a_converted_checkpoint(char_checkpoint, tmp_path, data_dir):
     assert bundle.info["init_from"] == str(char_checkpoint)
 
 
+def test_fine_tune_from_nanogpt_weights_equals_from_their_conversion(
+    char_checkpoint, tmp_path, data_dir
+):
+    """init_from a nanoGPT ckpt.pt (converted in memory) takes the very same steps."""
+    settings = dict(max_iters=3, eval_interval=3, dropout=0.0)
+    runs = {
+        source: train(
+            tiny(tmp_path / name, data_dir, init_from=str(source), **settings),
+            log=lambda line: None,
+        )
+        for name, source in [
+            ("converted", char_checkpoint),
+            ("nanogpt", char_checkpoint.parent / "torch" / "ckpt.pt"),
+        ]
+    }
+    converted, nanogpt = runs.values()
+    assert nanogpt.losses == converted.losses
+    assert nanogpt.evaluations[-1]["val_loss"] == converted.evaluations[-1]["val_loss"]
+
+
 def test_fine_tune_rejects_another_vocabulary(char_checkpoint, tmp_path):
     prepare_char_dataset("to be or not to be, " * 50, tmp_path / "data")
     config = tiny(tmp_path / "out", tmp_path / "data", init_from=str(char_checkpoint))
