@@ -30,6 +30,8 @@ COLUMNS = (
     "skipped",
     "load_avg",
     "scaling_efficiency",
+    "ops_per_step",
+    "busy_ms_per_step",
 )
 
 # (heading, column, format) of the printed table

@@ -21,6 +21,9 @@ Definitions (one row per implementation and cell):
   fraction_of_floor floor_ms_per_token / ms_per_token (1.0 = at the floor)
   scaling_efficiency  (jax-mesh rows) tok_s on the mesh's N devices / (N * the jax row's
                     tok_s on one device), same cell: 1.0 is perfect scaling
+  ops_per_step, busy_ms_per_step  (with `profile`, JAX rows) from one more, traced run: device
+                    ops (GPU kernels) per step and the time the device was busy; the op-by-op
+                    breakdown goes to DIR/profile-IMPL-bB-pP-nN.txt (`bench_profile`)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt_jax import bench_hardware, bench_impls, bench_report
+from nanogpt_jax import bench_hardware, bench_impls, bench_profile, bench_report
 from nanogpt_jax.config import PRESETS, GPTConfig
 from nanogpt_jax.errors import UserError
 
@@ -61,6 +64,7 @@ class Settings:
     max_seconds: float | None = None  # skip or shorten runs estimated to take longer
     strict: bool = True  # stop before timing when implementations disagree
     mesh: str | None = None  # e.g. data:4,model:2: also time `jax-mesh` on that many devices
+    profile: bool = False  # trace one more run of each JAX cell: where a step's time goes
 
 
 class IdTokenizer:
@@ -83,7 +87,7 @@ class IdTokenizer:
 
 def validate(settings: Settings) -> None:
     """Refuse settings that cannot run, before anything slow starts."""
-    from nanogpt_jax.bundle import DTYPES, resolve
+    from nanogpt_jax.bundle import DTYPES, pytorch_weights, read_model, resolve
     from nanogpt_jax.checkpoint import read_metadata
 
     if settings.repeats < 1 or settings.check_steps < 1:
@@ -94,7 +98,11 @@ def validate(settings: Settings) -> None:
         raise UserError(f"max_seconds must be positive, got {settings.max_seconds}")
     if settings.mesh is not None:
         bench_mesh(settings.mesh)
-    config = SHAPES.get(settings.model) or read_metadata(resolve(settings.model))[0]
+    config = SHAPES.get(settings.model)
+    if config is None:
+        path = resolve(settings.model)
+        # PyTorch weights carry their config inside: reading it means converting them
+        config = (read_model if pytorch_weights(path) else read_metadata)(path)[0]
     longest = max(settings.prompt_lens) + max(settings.new_tokens)
     checked = settings.prompt_lens[0] + settings.check_steps
     if max(longest, checked) > config.block_size:
@@ -229,12 +237,36 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
             ms = row.get("ms_per_token")
             row["fraction_of_floor"] = floor_ms / ms if ms else None
             row["scaling_efficiency"] = scaling_efficiency(row, report["results"])
+            if settings.profile and name.startswith("jax") and not row.get("skipped"):
+                progress.set_description(f"tracing {name} B={batch} P={prompt_len} N={num_new}")
+                row |= profile_cell(impl, prompts, num_new, out_dir, settings.dtype)
             report["results"].append(row)
             bench_report.write_results(out_dir, report)
             progress.update()
     progress.close()
     bench_report.write_plot(out_dir, report)
     return report
+
+
+def profile_cell(impl, prompts, num_new: int, out_dir: Path, dtype: str) -> dict:
+    """ops_per_step and busy_ms_per_step of one traced run, its breakdown written beside the
+    results; nothing when the trace holds no device events."""
+    try:
+        summary = bench_profile.profile_generation(impl, prompts, num_new)
+    except Exception as e:  # the profiler needs platform tooling (CUPTI on a GPU); timings stand
+        log(f"profiling {impl.name} failed: {type(e).__name__}: {e}")
+        return {"profile_error": f"{type(e).__name__}: {e}"}
+    if summary is None:
+        return {}
+    batch, prompt_len = prompts.shape
+    title = f"{impl.name}, {dtype}, batch {batch}, prompt {prompt_len}, {num_new} new tokens"
+    path = out_dir / f"profile-{impl.name}-b{batch}-p{prompt_len}-n{num_new}.txt"
+    path.write_text(bench_profile.format_profile(summary, title))
+    return {
+        "ops_per_step": summary["ops_per_step"],
+        "busy_ms_per_step": summary["busy_ms_per_step"],
+        "profile": summary,
+    }
 
 
 def check_agreement(settings: Settings, config, tokenizer, params, prompts) -> dict:

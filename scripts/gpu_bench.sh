@@ -55,8 +55,10 @@ bench() {
 # lengths ~15 s per batch size); the gpt2 run about 3, most of it warm-ups. gpt2-xl goes first:
 # its batch-1 row is the one the floor target is about. Runs are ordered by batch size, so a
 # cut-off run loses its largest batch first.
+# --profile traces one more jax run per batch size: gpt2-xl/profile-jax-b*.txt say which
+# kernels a step launches and how long the GPU sits idle between them.
 bench gpt2-xl 330 --model=gpt2-xl --batch_sizes=1,8,64 --impls=jax,hf,torch-nanogpt \
-  --repeats=1 --max_seconds=45
+  --repeats=1 --max_seconds=45 --profile
 bench gpt2 180 --model=gpt2 --batch_sizes=1,8,64 --impls=jax,hf,torch-nanogpt \
   --repeats=2 --max_seconds=60
 

@@ -41,6 +41,7 @@ def test_bench_smoke(tmp_path):
         "--check_steps=16",
         f"--impls={CPU_IMPLS}",
         f"--out={out}",
+        "--profile",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -60,6 +61,12 @@ def test_bench_smoke(tmp_path):
         assert row["agree_steps"] == 6, row["impl"]  # float32: same tokens as jax
         assert ("fraction_of_floor" in row) and ("ms_per_token" in row)
     assert rows[0]["compile_s"] > 0  # the jax engine compiled, and said how long it took
+    for row in rows:  # --profile traced the JAX rows once more
+        traced = row["impl"].startswith("jax")
+        assert (row.get("ops_per_step", 0) > 0) == traced, row["impl"]
+        assert (row.get("busy_ms_per_step", 0) > 0) == traced, row["impl"]
+    breakdown = (out / "profile-jax-b2-p8-n6.txt").read_text()
+    assert "device ops per step" in breakdown and "\ndot " in breakdown
 
     with open(out / "results.csv") as f:
         header = next(csv.reader(f))

@@ -46,6 +46,7 @@ class BenchFlags:
     mesh: str | None = flag(
         None, "e.g. data:8 or data:4,model:2: adds jax-mesh on that many devices, with scaling"
     )
+    profile: bool = flag(False, "trace one more run of each JAX cell: DIR/profile-*.txt")
 
 
 USAGE = "usage: python scripts/bench.py [--model=gpt2] [--batch_sizes=1,8] [--key=value ...]"
@@ -89,6 +90,7 @@ def main(argv: list[str]) -> None:
         seed=flags.seed,
         max_seconds=flags.max_seconds,
         strict=flags.strict,
+        profile=flags.profile,
     )
     if flags.mesh is not None:
         # the mesh's tokens/s are compared with the engine's on one device
