@@ -6,7 +6,7 @@ threads. Those may nest (a while loop contains its body's ops), so each op is ch
 exclusive time: its duration less that of the ops inside it. Per decode step figures divide
 by the run's steps (prefill is included, a small share of a long run):
 
-    ops_per_step      device events per step (on a GPU, kernels launched per token)
+    ops_per_step      device ops per step (on a GPU, kernels launched per token)
     busy_ms_per_step  time at least one device event was running; wall ms/step minus this is
                       time the device sat idle (launches, host round trips)
     top               ops by exclusive time: name, ms per step, calls per step, share
@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 TOP_OPS = 25
+COMPLETION = "end: "  # XLA:CPU traces an async op's completion as "end: <op>"
 WAITING = re.compile(r"wait", re.IGNORECASE)  # "... (wait for completion)", "...::Await"
 
 
@@ -68,7 +69,9 @@ def device_events(events: list[dict]) -> list[dict]:
 
 
 def exclusive_times(events: list[dict]) -> dict[str, list[float]]:
-    """name -> [exclusive microseconds, calls], nested events charged to the innermost."""
+    """op name -> [exclusive microseconds, calls], nested events charged to the innermost; an
+    op's completion event ("end: fusion.12", which XLA:CPU traces apart) is charged to the op
+    and not counted as another call."""
     totals = defaultdict(lambda: [0.0, 0])
     by_line = defaultdict(list)
     for event in events:
@@ -82,9 +85,10 @@ def exclusive_times(events: list[dict]) -> dict[str, list[float]]:
                 open_events.pop()
             if open_events:  # inside its parent: not the parent's own time
                 totals[open_events[-1][1]][0] -= event["dur"]
-            totals[event["name"]][0] += event["dur"]
-            totals[event["name"]][1] += 1
-            open_events.append([end, event["name"]])
+            name = event["name"].removeprefix(COMPLETION)
+            totals[name][0] += event["dur"]
+            totals[name][1] += not event["name"].startswith(COMPLETION)
+            open_events.append([end, name])
     return dict(totals)
 
 
@@ -99,9 +103,8 @@ def busy_microseconds(events: list[dict]) -> float:
 
 
 def kind(name: str) -> str:
-    """An op's name without its instance number, and its completion ("end: fusion.12", which
-    XLA:CPU traces apart) counted with it: fusion.12 -> fusion."""
-    return re.sub(r"[._]\d+$", "", name.removeprefix("end: "))
+    """An op's name without its instance number: fusion.12 -> fusion."""
+    return re.sub(r"[._]\d+$", "", name)
 
 
 def summarize(events: list[dict], steps: int) -> dict:
@@ -126,7 +129,7 @@ def summarize(events: list[dict], steps: int) -> dict:
 
     return {
         "steps": steps,
-        "ops_per_step": len(events) / steps,
+        "ops_per_step": sum(calls for _, calls in times.values()) / steps,
         "busy_ms_per_step": busy_microseconds(events) / 1e3 / steps,
         "top": rows(ranked),
         "top_kinds": rows(sorted(kinds.items(), key=lambda item: -item[1][0])),
