@@ -24,7 +24,9 @@ from nanogpt_jax.flags import flag, parse_flags
 
 @dataclass
 class BenchFlags:
-    model: str = flag("gpt2", "tiny | gpt2 ... gpt2-xl (shapes, random weights) | a checkpoint dir")
+    model: str = flag(
+        "gpt2", "tiny | gpt2 ... gpt2-xl (shapes, random weights) | a checkpoint | PyTorch weights"
+    )
     batch_sizes: str = flag("1,8", "comma list; every combination of the three lists is run")
     prompt_len: str = flag("16", "comma list of prompt lengths, in tokens")
     new_tokens: str = flag("256", "comma list of generated lengths, in tokens")

@@ -28,7 +28,7 @@ SEPARATOR = "---------------"
 @dataclass
 class SampleFlags:
     init_from: str = flag(
-        "resume", "resume | gpt2 ... gpt2-xl | shakespeare-char | a checkpoint dir"
+        "resume", "resume | gpt2 ... gpt2-xl | shakespeare-char | a checkpoint | PyTorch weights"
     )
     out_dir: str = flag("out", "the checkpoint read by --init_from=resume")
     start: str = flag("\n", "prompt text, or FILE:path to read it from a file")
