@@ -1,10 +1,12 @@
-"""Where a decode step's time goes: one generation traced by jax.profiler, summarized per op.
+"""Where a decode step's time goes: one generation traced by a profiler, summarized per op.
 
-The profiler's Perfetto trace (Chrome trace JSON) holds host events and device events. Device
-events are a GPU's kernels (its "Stream" lines) or, on a CPU, the ops XLA runs on its own
-threads. Those may nest (a while loop contains its body's ops), so each op is charged its
-exclusive time: its duration less that of the ops inside it. Per decode step figures divide
-by the run's steps (prefill is included, a small share of a long run):
+JAX implementations are traced by jax.profiler, PyTorch ones by torch.profiler; both write
+Chrome trace JSON holding host and device events. Device events are a GPU's kernels (and
+copies) or, on a CPU, the ops that do the work: those XLA runs on its own threads, or
+PyTorch's aten operators. They may nest (a while loop contains its body's ops, aten::linear
+calls aten::addmm), so each op is charged its exclusive time: its duration less that of the
+ops inside it. Per decode step figures divide by the run's steps (prefill is included, a
+small share of a long run):
 
     ops_per_step      device ops per step (on a GPU, kernels launched per token)
     busy_ms_per_step  time at least one device event was running; wall ms/step minus this is
@@ -42,8 +44,32 @@ def trace_events(run, directory: Path) -> list[dict]:
     return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
+def torch_trace_events(run, directory: Path) -> list[dict]:
+    """The trace events of `run()` under torch.profiler: operators, and kernels on a GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as profiler:
+        run()
+    path = Path(directory) / "torch_trace.json"
+    profiler.export_chrome_trace(str(path))
+    trace = json.loads(path.read_text())
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def torch_device_events(events: list[dict]) -> list[dict]:
+    """A torch trace's GPU kernels and copies, or on a CPU its aten operators."""
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    on_gpu = [e for e in complete if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return on_gpu or [e for e in complete if e.get("cat") == "cpu_op"]
+
+
 def device_events(events: list[dict]) -> list[dict]:
-    """Complete events ("X") of the device lines: GPU streams, or XLA's CPU threads."""
+    """A jax trace's complete events ("X") of the device lines: GPU streams, or XLA's CPU
+    threads."""
     process = {}
     thread = {}
     for event in events:
@@ -137,10 +163,14 @@ def summarize(events: list[dict], steps: int) -> dict:
 
 
 def profile_generation(impl, prompts, num_new: int) -> dict | None:
-    """Trace one greedy generation of a JAX implementation (already warm); None when the trace
-    holds no device events."""
+    """Trace one greedy generation of an implementation (already warm) with its library's
+    profiler; None when the trace holds no device events."""
+    run = lambda: impl.generate(prompts, num_new)
     with tempfile.TemporaryDirectory() as directory:
-        events = device_events(trace_events(lambda: impl.generate(prompts, num_new), directory))
+        if impl.name.startswith("jax"):
+            events = device_events(trace_events(run, directory))
+        else:
+            events = torch_device_events(torch_trace_events(run, directory))
     return summarize(events, num_new) if events else None
 
 

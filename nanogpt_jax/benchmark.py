@@ -21,8 +21,9 @@ Definitions (one row per implementation and cell):
   fraction_of_floor floor_ms_per_token / ms_per_token (1.0 = at the floor)
   scaling_efficiency  (jax-mesh rows) tok_s on the mesh's N devices / (N * the jax row's
                     tok_s on one device), same cell: 1.0 is perfect scaling
-  ops_per_step, busy_ms_per_step  (with `profile`, JAX rows) from one more, traced run: device
-                    ops (GPU kernels) per step and the time the device was busy; the op-by-op
+  ops_per_step, busy_ms_per_step  (with `profile`) from one more run, traced by jax.profiler
+                    or torch.profiler: device ops (GPU kernels; on a CPU, XLA ops or aten
+                    operators) per step and the time the device was busy; the op-by-op
                     breakdown goes to DIR/profile-IMPL-bB-pP-nN.txt (`bench_profile`)
 """
 
@@ -64,7 +65,7 @@ class Settings:
     max_seconds: float | None = None  # skip or shorten runs estimated to take longer
     strict: bool = True  # stop before timing when implementations disagree
     mesh: str | None = None  # e.g. data:4,model:2: also time `jax-mesh` on that many devices
-    profile: bool = False  # trace one more run of each JAX cell: where a step's time goes
+    profile: bool = False  # trace one more run of each cell: where a step's time goes
 
 
 class IdTokenizer:
@@ -237,11 +238,12 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
             ms = row.get("ms_per_token")
             row["fraction_of_floor"] = floor_ms / ms if ms else None
             row["scaling_efficiency"] = scaling_efficiency(row, report["results"])
-            if settings.profile and name.startswith("jax") and not row.get("skipped"):
-                progress.set_description(f"tracing {name} B={batch} P={prompt_len} N={num_new}")
-                row |= profile_cell(impl, prompts, num_new, out_dir, settings.dtype)
             report["results"].append(row)
             bench_report.write_results(out_dir, report)
+            if settings.profile and not row.get("skipped"):  # the timings are on disk first
+                progress.set_description(f"tracing {name} B={batch} P={prompt_len} N={num_new}")
+                row |= profile_cell(impl, prompts, num_new, out_dir, settings.dtype)
+                bench_report.write_results(out_dir, report)
             progress.update()
     progress.close()
     bench_report.write_plot(out_dir, report)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one go, 8 minutes at most ($BUDGET): GPT-2-124M and GPT-2-1.5B (gpt2-xl)
+# The GPU benchmark in one go, 8 minutes at most ($BUDGET): GPT-2-1.5B (gpt2-xl) and GPT-2-124M
 # shapes with random weights, bfloat16, batch 1/8/64, prompt 16, 256 new tokens, implementations
-# jax, hf and torch-nanogpt. Needs JAX with CUDA, torch and transformers installed; no network.
+# jax, hf and torch-nanogpt, and a profile of gpt2-xl at batch 1. Needs JAX with CUDA, torch and transformers installed; no network.
 #
 #   OUT=/path/to/results bash scripts/gpu_bench.sh
 #
@@ -55,10 +55,12 @@ bench() {
 # lengths ~15 s per batch size); the gpt2 run about 3, most of it warm-ups. gpt2-xl goes first:
 # its batch-1 row is the one the floor target is about. Runs are ordered by batch size, so a
 # cut-off run loses its largest batch first.
-# --profile traces one more jax run per batch size: gpt2-xl/profile-jax-b*.txt say which
-# kernels a step launches and how long the GPU sits idle between them.
 bench gpt2-xl 330 --model=gpt2-xl --batch_sizes=1,8,64 --impls=jax,hf,torch-nanogpt \
-  --repeats=1 --max_seconds=45 --profile
+  --repeats=1 --max_seconds=45
+# gpt2-xl at batch 1 traced (jax and hf): gpt2-xl-profile/profile-*.txt say which kernels a
+# step launches and how long the GPU sits idle between them (about 2 minutes)
+bench gpt2-xl-profile 150 --model=gpt2-xl --batch_sizes=1 --impls=jax,hf --repeats=1 \
+  --check_steps=8 --profile
 bench gpt2 180 --model=gpt2 --batch_sizes=1,8,64 --impls=jax,hf,torch-nanogpt \
   --repeats=2 --max_seconds=60
 

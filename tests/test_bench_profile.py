@@ -3,7 +3,13 @@ exclusive time under nesting, and busy time under overlap."""
 
 import pytest
 
-from nanogpt_jax.bench_profile import busy_microseconds, device_events, exclusive_times, summarize
+from nanogpt_jax.bench_profile import (
+    busy_microseconds,
+    device_events,
+    exclusive_times,
+    summarize,
+    torch_device_events,
+)
 
 
 def names(pid, tid, process, thread):
@@ -40,6 +46,21 @@ def test_cpu_ops_come_from_xla_threads_without_the_waiting():
         op("PjitFunction(decode)", 0, 9, 1, 3),
     ]
     assert [(e["name"], e["tid"]) for e in device_events(events)] == [("dot.1", 1), ("dot.1", 2)]
+
+
+def test_torch_traces_give_kernels_on_a_gpu_and_operators_on_a_cpu():
+    cpu = [
+        {**op("aten::linear", 0, 10), "cat": "cpu_op"},
+        {**op("aten::addmm", 1, 8), "cat": "cpu_op"},
+        {**op("generate", 0, 20), "cat": "python_function"},
+    ]
+    assert [e["name"] for e in torch_device_events(cpu)] == ["aten::linear", "aten::addmm"]
+    gpu = [
+        *cpu,
+        {**op("gemv2T_kernel", 3, 4, pid=0, tid=7), "cat": "kernel"},
+        {**op("Memcpy DtoH", 8, 1, pid=0, tid=7), "cat": "gpu_memcpy"},
+    ]
+    assert [e["name"] for e in torch_device_events(gpu)] == ["gemv2T_kernel", "Memcpy DtoH"]
 
 
 def test_nested_ops_are_charged_to_the_innermost():

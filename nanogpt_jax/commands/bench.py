@@ -48,7 +48,7 @@ class BenchFlags:
     mesh: str | None = flag(
         None, "e.g. data:8 or data:4,model:2: adds jax-mesh on that many devices, with scaling"
     )
-    profile: bool = flag(False, "trace one more run of each JAX cell: DIR/profile-*.txt")
+    profile: bool = flag(False, "trace one more run of each cell: DIR/profile-*.txt")
 
 
 USAGE = "usage: python scripts/bench.py [--model=gpt2] [--batch_sizes=1,8] [--key=value ...]"
