@@ -53,6 +53,25 @@ def prepare_char_dataset(text: str, data_dir: str | Path) -> dict[str, int]:
     return sizes
 
 
+def prepare_bpe_dataset(text: str, data_dir: str | Path) -> dict[str, int]:
+    """Write train.bin and val.bin of GPT-2 BPE ids for `text` exactly as nanoGPT's
+    shakespeare/prepare.py does (the split is by characters, each part encoded apart). A
+    meta.pkl left from a character-level preparation is removed: it would relabel the ids.
+    Returns the split sizes."""
+    if not text:
+        raise UserError("the input text is empty")
+    tokenizer = GPT2Tokenizer()
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {"vocab_size": tokenizer.vocab_size}
+    for split, part in zip(SPLITS, split_text(text), strict=True):
+        ids = np.array(tokenizer.encode_ordinary(part), dtype=TOKEN_DTYPE)
+        ids.tofile(data_dir / f"{split}.bin")
+        sizes[split] = len(ids)
+    (data_dir / META_FILE).unlink(missing_ok=True)
+    return sizes
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Both splits as read-only memory maps, and the tokenizer their ids belong to."""

@@ -42,6 +42,10 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._encoding.encode(text, allowed_special={"<|endoftext|>"})
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Special tokens' text encoded as plain text, as nanoGPT's data preparation does."""
+        return self._encoding.encode_ordinary(text)
+
     def decode(self, ids) -> str:
         return self._encoding.decode([int(i) for i in ids])
 

@@ -52,6 +52,25 @@ def test_prepare_script_writes_nanogpt_files(tmp_path):
     assert dataset.tokenizer.decode(dataset.val[:100]) == split_text(text)[1][:100]
 
 
+def test_bpe_preparation_gives_nanogpts_token_counts(tmp_path):
+    """nanoGPT's data/shakespeare/prepare.py reports 301,966 training and 36,059 validation
+    tokens for tiny Shakespeare; a meta.pkl from a character-level run would relabel the ids."""
+    data_dir = tmp_path / "shakespeare"
+    prepare_char_dataset("stale", data_dir)
+    result = run_script("prepare_shakespeare", f"--input={SHAKESPEARE}", f"--data_dir={data_dir}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(data_dir)
+    assert "train has 301,966 tokens" in result.stderr
+    assert "val has 36,059 tokens" in result.stderr
+    assert not (data_dir / "meta.pkl").exists()
+    dataset = open_dataset(data_dir, block_size=1024)
+    assert (len(dataset.train), len(dataset.val)) == (301_966, 36_059)
+    assert dataset.tokenizer.describe() == {"kind": "gpt2"}
+    train_text, val_text = split_text(SHAKESPEARE.read_text())
+    assert dataset.tokenizer.decode(dataset.train) == train_text  # byte-level BPE round-trips
+    assert dataset.tokenizer.decode(dataset.val) == val_text
+
+
 def test_prepare_without_input_offline_names_the_flag(tmp_path):
     # a proxy nobody listens on makes the download fail as it would offline
     proxy = "http://127.0.0.1:9"

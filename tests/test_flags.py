@@ -58,10 +58,11 @@ def test_help_lists_every_flag_with_its_default_and_meaning(capsys):
 def test_every_command_explains_every_flag():
     from nanogpt_jax.commands.bench import BenchFlags
     from nanogpt_jax.commands.convert import ConvertFlags
-    from nanogpt_jax.commands.prepare import PrepareFlags
+    from nanogpt_jax.commands.prepare import PrepareBPEFlags, PrepareFlags
     from nanogpt_jax.commands.sample import SampleFlags
     from nanogpt_jax.train_config import TrainConfig
 
-    for flags_class in (BenchFlags, ConvertFlags, PrepareFlags, SampleFlags, TrainConfig):
+    commands = (BenchFlags, ConvertFlags, PrepareFlags, PrepareBPEFlags, SampleFlags, TrainConfig)
+    for flags_class in commands:
         for field in dataclasses.fields(flags_class):
             assert field.metadata.get("help"), f"{flags_class.__name__}.{field.name}"

@@ -11,14 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SHAKESPEARE, assert_one_line_error, run_script
+from conftest import SHAKESPEARE, assert_one_line_error, hf_gpt2, run_script
 from flax import nnx
 
 import nanogpt_jax
 from nanogpt_jax.checkpoint import abstract_model, params_dir, params_of
 from nanogpt_jax.commands.train import main as train_main
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.data import prepare_char_dataset
+from nanogpt_jax.data import prepare_bpe_dataset, prepare_char_dataset
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.flags import parse_flags
 from nanogpt_jax.model import GPT
@@ -204,6 +204,33 @@ def test_fine_tune_from_nanogpt_weights_equals_from_their_conversion(
     converted, nanogpt = runs.values()
     assert nanogpt.losses == converted.losses
     assert nanogpt.evaluations[-1]["val_loss"] == converted.evaluations[-1]["val_loss"]
+
+
+def test_fine_tune_gpt2_on_bpe_shakespeare(tmp_path):
+    """configs/finetune_shakespeare.py on data from scripts/prepare_shakespeare.py, starting
+    from a (tiny, random) Hugging Face GPT-2 directory as nanoGPT starts from gpt2-xl."""
+    prepare_bpe_dataset(SHAKESPEARE.read_text(), tmp_path / "data")
+    hf_gpt2().save_pretrained(tmp_path / "hf")
+    argv = [
+        "configs/finetune_shakespeare.py",
+        f"--init_from={tmp_path / 'hf'}",
+        f"--data_dir={tmp_path / 'data'}",
+        f"--out_dir={tmp_path / 'out'}",
+        "--block_size=32",
+        "--gradient_accumulation_steps=2",
+        "--max_iters=4",
+        "--eval_interval=2",
+        "--eval_iters=2",
+    ]
+    config = parse_flags(TrainConfig, argv, config_files=True)
+    assert (config.learning_rate, config.decay_lr, config.batch_size) == (3e-5, False, 1)
+    result = train(config, log=lambda line: None)
+    assert [record["lr"] for record in result.evaluations] == pytest.approx([3e-5] * 3)
+    assert all(math.isfinite(loss) for loss in result.losses.values())
+    bundle = nanogpt_jax.load(tmp_path / "out")
+    assert bundle.tokenizer.describe() == {"kind": "gpt2"} and bundle.config.block_size == 32
+    text = bundle.generate(["ROMEO:"], max_new_tokens=5, temperature=0.0).texts[0]
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
 
 
 def test_fine_tune_rejects_another_vocabulary(char_checkpoint, tmp_path):

@@ -1,8 +1,10 @@
-"""Prepare tiny Shakespeare for character-level training, as nanoGPT's
-data/shakespeare_char/prepare.py does: train.bin, val.bin and meta.pkl in --data_dir.
+"""Prepare tiny Shakespeare as nanoGPT's data/*/prepare.py scripts do, in --data_dir:
+by character (shakespeare_char: train.bin, val.bin, meta.pkl) or as GPT-2 BPE ids
+(shakespeare: train.bin, val.bin), for fine-tuning GPT-2.
 
 python scripts/prepare_shakespeare_char.py
 python scripts/prepare_shakespeare_char.py --input=input.txt --data_dir=data/shakespeare_char
+python scripts/prepare_shakespeare.py --input=input.txt   # data/shakespeare, GPT-2 BPE
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanogpt_jax.commands import read_text_file, run
-from nanogpt_jax.data import prepare_char_dataset
+from nanogpt_jax.data import prepare_bpe_dataset, prepare_char_dataset
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.flags import flag, parse_flags
 
@@ -30,14 +32,28 @@ class PrepareFlags:
     data_dir: str = flag("data/shakespeare_char", "where train.bin, val.bin, meta.pkl go")
 
 
-USAGE = "usage: python scripts/prepare_shakespeare_char.py [--input=FILE] [--data_dir=DIR]"
+@dataclass
+class PrepareBPEFlags:
+    input: str | None = flag(None, "the text to prepare (default: download tiny Shakespeare)")
+    data_dir: str = flag("data/shakespeare", "where train.bin and val.bin go")
 
 
 def main(argv: list[str]) -> None:
-    flags = parse_flags(PrepareFlags, argv, usage=USAGE)
+    """scripts/prepare_shakespeare_char.py: one id per character."""
+    usage = "usage: python scripts/prepare_shakespeare_char.py [--input=FILE] [--data_dir=DIR]"
+    prepare(parse_flags(PrepareFlags, argv, usage=usage), prepare_char_dataset)
+
+
+def bpe_main(argv: list[str]) -> None:
+    """scripts/prepare_shakespeare.py: GPT-2 BPE ids."""
+    usage = "usage: python scripts/prepare_shakespeare.py [--input=FILE] [--data_dir=DIR]"
+    prepare(parse_flags(PrepareBPEFlags, argv, usage=usage), prepare_bpe_dataset)
+
+
+def prepare(flags, prepare_dataset) -> None:
     data_dir = Path(flags.data_dir)
     text = read_text_file(Path(flags.input), "input") if flags.input else downloaded_input(data_dir)
-    sizes = prepare_char_dataset(text, data_dir)
+    sizes = prepare_dataset(text, data_dir)
     print(f"length of dataset in characters: {len(text):,}", file=sys.stderr)
     print(f"vocab size: {sizes['vocab_size']}", file=sys.stderr)
     print(f"train has {sizes['train']:,} tokens", file=sys.stderr)
@@ -65,6 +81,10 @@ def downloaded_input(data_dir: Path) -> str:
 
 def entry_point() -> None:
     run(main)
+
+
+def bpe_entry_point() -> None:
+    run(bpe_main)
 
 
 if __name__ == "__main__":
