@@ -49,7 +49,12 @@ TABLE = (
     ("of floor", "fraction_of_floor", "{:.0%}"),
     ("peak GB", "peak_mem_gb", "{:.3f}"),
     ("agree", "agree", "{}"),
+)
+# columns printed only when some row has them: a mesh run's, a profiled run's
+OPTIONAL = (
     ("scaling", "scaling_efficiency", "{:.0%}"),
+    ("ops/step", "ops_per_step", "{:.0f}"),
+    ("busy ms", "busy_ms_per_step", "{:.2f}"),
 )
 
 
@@ -65,8 +70,8 @@ def write_results(out_dir: Path, report: dict) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """Rows as an aligned text table; skipped runs say why."""
-    multi_device = any(row.get("scaling_efficiency") is not None for row in rows)
-    table = TABLE if multi_device else TABLE[:-1]  # the scaling column only with a mesh
+    present = [c for c in OPTIONAL if any(row.get(c[1]) is not None for row in rows)]
+    table = (*TABLE, *present)
     lines = [[heading for heading, _, _ in table]]
     for row in rows:
         if row.get("skipped"):

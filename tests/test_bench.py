@@ -66,6 +66,8 @@ def test_bench_smoke(tmp_path):
     breakdown = (out / "profile-jax-b2-p8-n6.txt").read_text()
     assert "device ops per step" in breakdown and "\ndot " in breakdown
     assert "\naten::addmm " in (out / "profile-hf-b2-p8-n6.txt").read_text()
+    heading = result.stdout.splitlines()[1]
+    assert "ops/step" in heading and "busy ms" in heading and "scaling" not in heading
 
     with open(out / "results.csv") as f:
         header = next(csv.reader(f))
