@@ -25,6 +25,8 @@ from pathlib import Path
 
 TOP_OPS = 25
 COMPLETION = "end: "  # XLA:CPU traces an async op's completion as "end: <op>"
+# lines a profiler derives from the device's own (the same work, relabelled): not counted again
+DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework", "Launch Stats")
 WAITING = re.compile(r"wait", re.IGNORECASE)  # "... (wait for completion)", "...::Await"
 
 
@@ -78,20 +80,22 @@ def device_events(events: list[dict]) -> list[dict]:
         elif event.get("ph") == "M" and event.get("name") == "thread_name":
             thread[event["pid"], event["tid"]] = event["args"]["name"]
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+    def line_name(event):
+        return thread.get((event["pid"], event["tid"]), "")
+
     devices = {pid for pid, name in process.items() if name.startswith("/device:")}
     if devices:
-        on_device = [e for e in complete if e["pid"] in devices]
-        streams = [
-            e for e in on_device if thread.get((e["pid"], e["tid"]), "").startswith("Stream")
+        on_device = [
+            e
+            for e in complete
+            if e["pid"] in devices and not line_name(e).startswith(DERIVED_LINES)
         ]
+        streams = [e for e in on_device if line_name(e).startswith("Stream")]
         return streams or on_device
     # a CPU: XLA runs its ops on threads of its own (the PjRt client's, Eigen's pool), where
     # a thread waiting for the others is traced too
-    return [
-        e
-        for e in complete
-        if "XLA" in thread.get((e["pid"], e["tid"]), "") and not WAITING.search(e["name"])
-    ]
+    return [e for e in complete if "XLA" in line_name(e) and not WAITING.search(e["name"])]
 
 
 def exclusive_times(events: list[dict]) -> dict[str, list[float]]:

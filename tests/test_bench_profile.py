@@ -35,6 +35,18 @@ def test_gpu_kernels_come_from_the_stream_lines():
     assert [e["name"] for e in device_events(events)] == ["gemv_kernel"]
 
 
+def test_without_stream_lines_the_derived_lines_are_left_out():
+    events = [
+        *names(1, 1, "/device:GPU:0", "Compute"),
+        *names(1, 2, "/device:GPU:0", "XLA Ops"),
+        *names(1, 3, "/device:GPU:0", "XLA Modules"),
+        op("gemv_kernel", 0, 5, 1, 1),
+        op("fusion.3", 0, 5, 1, 2),
+        op("jit_decode", 0, 9, 1, 3),
+    ]
+    assert [e["name"] for e in device_events(events)] == ["gemv_kernel"]
+
+
 def test_cpu_ops_come_from_xla_threads_without_the_waiting():
     events = [
         *names(1, 1, "/host:CPU", "tf_XLAPjRtCpuClient/1"),
