@@ -159,8 +159,15 @@ def on_default_device(leaf) -> jax.ShapeDtypeStruct:
     leaf = ocp.utils.to_shape_dtype_struct(leaf)
     if getattr(leaf, "sharding", None) is not None:
         return leaf
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(default_device())
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+
+
+def default_device() -> jax.Device:
+    """Where arrays go unless placed: JAX's jax_default_device (`--device=cuda:1` sets it), or
+    the first device."""
+    device = jax.config.jax_default_device
+    return device if isinstance(device, jax.Device) else jax.devices()[0]
 
 
 def load_params(directory: str | Path, config: GPTConfig, mesh=None) -> dict:

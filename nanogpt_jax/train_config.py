@@ -56,7 +56,7 @@ class TrainConfig:
     min_lr: float = flag(6e-5, "learning rate after the decay (~learning_rate / 10)")
     # system
     backend: str = flag("nccl", "accepted for nanoGPT command lines; a no-op, one process trains")
-    device: str | None = flag(None, "cpu | gpu | tpu (default: JAX's default backend)")
+    device: str | None = flag(None, "cpu | gpu | tpu, or cuda:1 (default: JAX's default backend)")
     dtype: str | None = flag(None, "compute dtype float32 | bfloat16 (default: float32 on cpu)")
     compile: bool = flag(True, "accepted for nanoGPT command lines; a no-op, jax.jit compiles")
     seed: int = flag(1337, "parameter init, dropout and batch streams all derive from it")

@@ -1,8 +1,12 @@
 """scripts/sample.py end to end: nanoGPT's output format, reproducibility across processes,
 streaming, the persistent compilation cache, and one-line errors."""
 
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, run_script
 
 SEPARATOR = "---------------"
 
@@ -91,3 +95,40 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     broken.mkdir()
     (broken / "nanogpt_jax.json").write_text("{not json")
     assert_one_line_error(run_script("sample", f"--init_from={broken}"), "corrupt")
+
+
+PLACEMENT = """
+import sys, jax
+from nanogpt_jax.commands import select_platform
+select_platform(sys.argv[1])
+import nanogpt_jax
+bundle = nanogpt_jax.load("shakespeare-char")
+out = bundle.generate(["ROMEO:"], max_new_tokens=12, seed=4)
+placed = {str(d) for leaf in jax.tree.leaves(bundle.params) for d in leaf.devices()}
+print(sorted(placed), repr(out.texts[0]))
+"""
+
+
+def test_a_device_index_puts_the_model_there(tmp_path):
+    """nanoGPT's --device=cuda:1, tried on two host CPU devices: the restored parameters live on
+    the device named, and the text is the one device 0 gives."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+    def place(device):
+        result = subprocess.run(
+            [sys.executable, "-c", PLACEMENT, device],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, **env},
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    first, second = place("cpu:0"), place("cpu:1")
+    assert first.startswith("['cpu:0'] ") and second.startswith("['cpu:1'] ")
+    assert first.split("] ", 1)[1] == second.split("] ", 1)[1]
+    missing = run_script("sample", "--init_from=shakespeare-char", "--device=cpu:3", env=env)
+    assert_one_line_error(missing, "cpu:3")
+    assert_one_line_error(run_script("sample", "--device=mps"), "mps")

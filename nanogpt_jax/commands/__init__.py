@@ -2,6 +2,7 @@
 stdout, everything else (progress, timings, warnings, errors) on stderr."""
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -51,15 +52,22 @@ def read_text_file(path: Path, flag: str) -> str:
 
 
 def select_platform(device: str | None) -> None:
-    """Pin JAX to cpu/gpu/tpu before anything touches a backend."""
+    """Pin JAX to cpu/gpu/tpu before anything touches a backend; `cuda:1` (nanoGPT's way of
+    naming a GPU) also makes that device the default one."""
     if device is None:
         return
-    if device not in ("cpu", "gpu", "cuda", "tpu"):
-        raise UserError(f"device must be cpu, gpu or tpu, got {device!r}")
+    match = re.fullmatch(r"(cpu|gpu|cuda|tpu)(?::(\d+))?", device)
+    if match is None:
+        raise UserError(f"device must be cpu, gpu or tpu, optionally :N (cuda:1), got {device!r}")
+    platform, index = match.group(1), match.group(2)
     import jax
 
-    jax.config.update("jax_platforms", "cuda" if device == "gpu" else device)
+    jax.config.update("jax_platforms", "cuda" if platform == "gpu" else platform)
     try:
-        jax.devices()
+        devices = jax.devices()
     except RuntimeError as e:
         raise UserError(f"device {device!r} is not available here ({e})") from None
+    if index is not None:
+        if int(index) >= len(devices):
+            raise UserError(f"device {device!r}: there are {len(devices)} {platform} devices")
+        jax.config.update("jax_default_device", devices[int(index)])

@@ -42,7 +42,7 @@ class SampleFlags:
     seed: int = flag(1337, "the same seed gives the same samples, whatever the batch size")
     batch_size: int | None = flag(None, "samples generated together (default: all)")
     stream: bool = flag(False, "print text as it is generated, one sample at a time")
-    device: str | None = flag(None, "cpu | gpu | tpu (default: JAX's default backend)")
+    device: str | None = flag(None, "cpu | gpu | tpu, or cuda:1 (default: JAX's default backend)")
     dtype: str | None = flag(None, "float32 | bfloat16 | float16 (default: float32 on cpu)")
     compile: bool = flag(True, "accepted for nanoGPT command lines; a no-op, jax.jit compiles")
     mesh: str | None = flag(None, "e.g. data:4,model:2 over all devices (default: one device)")
