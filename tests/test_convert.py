@@ -171,6 +171,52 @@ def test_load_converts_pytorch_weights_in_memory(gpt2_checkpoint):
     assert np.array_equal(np.asarray(saved), np.asarray(direct))
 
 
+def test_export_to_nanogpt_loads_in_its_model_and_back(char_checkpoint, tmp_path):
+    """--to=nanogpt writes what nanoGPT's sample.py loads: its GPT (our torch replica of it)
+    gives our logits, and importing the files again gives our parameters bit for bit."""
+    from nanogpt_jax.torch_reference import GPT as TorchGPT
+
+    out = tmp_path / "torch"
+    result = run_script("convert", f"--from={char_checkpoint}", "--to=nanogpt", f"--out_dir={out}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    checkpoint = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    model = TorchGPT(GPTConfig(**checkpoint["model_args"], activation_function="gelu")).eval()
+    model.load_state_dict(checkpoint["model"], strict=True)
+    ids = np.random.default_rng(0).integers(0, 65, (2, 20))
+    ours = nanogpt_jax.load(char_checkpoint)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids)).numpy()
+    assert max_abs_diff(ours.logits(ids), theirs) < 1e-5
+    assert CharTokenizer.from_meta_pkl(out / "meta.pkl").itos == ours.tokenizer.itos
+    back = nanogpt_jax.load(out)
+    assert np.array_equal(np.asarray(back.logits(ids)), np.asarray(ours.logits(ids)))
+
+    again = run_script("convert", f"--from={char_checkpoint}", "--to=nanogpt", f"--out_dir={out}")
+    assert_one_line_error(again, "--force")
+    to_hf = run_script("convert", f"--from={char_checkpoint}", "--to=hf", f"--out_dir={out}x")
+    assert_one_line_error(to_hf, "character-level")
+    assert not (tmp_path / "torchx").exists()
+
+
+def test_export_to_hf_loads_in_transformers(gpt2_checkpoint, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    path, _ = gpt2_checkpoint
+    out = tmp_path / "hf"
+    result = run_script("convert", f"--from={path}", "--to=hf", f"--out_dir={out}")
+    assert result.returncode == 0, result.stderr
+    model = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert model.config.eos_token_id == 50256
+    ids = np.random.default_rng(1).integers(0, 50257, (2, 16))
+    ours = nanogpt_jax.load(path)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids)).logits.numpy()
+    assert max_abs_diff(ours.logits(ids), theirs) < 1e-5
+    back = nanogpt_jax.load(out)
+    assert np.array_equal(np.asarray(back.logits(ids)), np.asarray(ours.logits(ids)))
+
+
 def test_convert_cli_bad_inputs(tmp_path, shakespeare_chars):
     missing = run_script("convert", f"--from={tmp_path / 'nope.pt'}", f"--out_dir={tmp_path / 'x'}")
     assert_one_line_error(missing, "nope.pt")

@@ -1,8 +1,10 @@
-"""Convert PyTorch GPT-2 weights into a nanogpt-jax checkpoint directory.
+"""Convert PyTorch GPT-2 weights into a nanogpt-jax checkpoint directory, or back (--to).
 
 python scripts/convert.py --from=gpt2-xl --out_dir=ckpt/gpt2-xl
 python scripts/convert.py --from=path/to/hf_model_dir --out_dir=ckpt/mine
 python scripts/convert.py --from=out-shakespeare-char/ckpt.pt --out_dir=ckpt/shakespeare
+python scripts/convert.py --from=out-shakespeare-char --to=nanogpt --out_dir=torch/shakespeare
+python scripts/convert.py --from=ckpt/mine --to=hf --out_dir=hf/mine
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ from nanogpt_jax.flags import flag, parse_flags
 @dataclass
 class ConvertFlags:
     from_: str | None = flag(
-        None, "gpt2 ... gpt2-xl | a Hugging Face directory | a nanoGPT ckpt.pt"
+        None, "gpt2 ... gpt2-xl | a Hugging Face directory | a nanoGPT ckpt.pt | a checkpoint"
     )
-    out_dir: str | None = flag(None, "the checkpoint directory to write")
+    out_dir: str | None = flag(None, "the directory to write")
+    to: str = flag("nanogpt-jax", "nanogpt-jax | nanogpt (ckpt.pt, meta.pkl) | hf (Hugging Face)")
     meta: str | None = flag(None, "a nanoGPT meta.pkl (default: the one beside ckpt.pt, if any)")
     force: bool = flag(False, "replace an existing out_dir")
 
 
-USAGE = "usage: python scripts/convert.py --from=SRC --out_dir=DIR [--meta=meta.pkl] [--force]"
+USAGE = (
+    "usage: python scripts/convert.py --from=SRC --out_dir=DIR [--to=nanogpt-jax|nanogpt|hf] "
+    "[--meta=meta.pkl] [--force]"
+)
 
 
 def main(argv: list[str]) -> None:
@@ -37,8 +43,17 @@ def main(argv: list[str]) -> None:
     from nanogpt_jax.checkpoint import count_params, save_model
     from nanogpt_jax.convert import convert
 
+    if flags.to not in ("nanogpt-jax", "nanogpt", "hf"):
+        raise UserError(f"--to must be nanogpt-jax, nanogpt or hf, got {flags.to!r}")
     if Path(flags.out_dir).exists() and not flags.force:
         raise UserError(f"{flags.out_dir} already exists (pass --force to overwrite it)")
+    if flags.to != "nanogpt-jax":
+        from nanogpt_jax.torch_export import export_model
+
+        if flags.meta:
+            raise UserError("--meta is for reading a nanoGPT ckpt.pt, not for --to")
+        print(export_model(flags.from_, flags.out_dir, flags.to, overwrite=flags.force))
+        return
     converted = convert(flags.from_, flags.meta)
     path = save_model(
         flags.out_dir,
