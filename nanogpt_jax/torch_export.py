@@ -65,15 +65,7 @@ def write_nanogpt(directory: Path, config: GPTConfig, tokenizer: Tokenizer, para
             f"{config.activation_function} (nanoGPT's from_pretrained makes the same swap)",
             file=sys.stderr,
         )
-    model_args = dict(
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_embd=config.n_embd,
-        block_size=config.block_size,
-        bias=config.bias,
-        vocab_size=config.vocab_size,
-        dropout=0.0,
-    )
+    model_args = nanogpt_model_args(config)
     checkpoint = {
         "model": state_dict_from_params(params),
         "model_args": model_args,
@@ -85,6 +77,19 @@ def write_nanogpt(directory: Path, config: GPTConfig, tokenizer: Tokenizer, para
     torch.save(checkpoint, directory / "ckpt.pt")
     if isinstance(tokenizer, CharTokenizer):
         write_meta_pkl(directory / "meta.pkl", tokenizer.itos)
+
+
+def nanogpt_model_args(config: GPTConfig) -> dict:
+    """The `model_args` a nanoGPT ckpt.pt holds: its GPTConfig's fields."""
+    return dict(
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        block_size=config.block_size,
+        bias=config.bias,
+        vocab_size=config.vocab_size,
+        dropout=0.0,
+    )
 
 
 def write_hf(directory: Path, config: GPTConfig, tokenizer: Tokenizer, params, info):

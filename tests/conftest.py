@@ -92,6 +92,7 @@ def write_nanogpt_checkpoint(directory: Path, config, chars=None, seed=0, compil
     torch.compile's `_orig_mod.`), plus a meta.pkl when `chars` is given. Returns the model."""
     import torch
 
+    from nanogpt_jax.torch_export import nanogpt_model_args
     from nanogpt_jax.torch_reference import GPT as TorchGPT
 
     torch.manual_seed(seed)
@@ -102,18 +103,9 @@ def write_nanogpt_checkpoint(directory: Path, config, chars=None, seed=0, compil
                 p.add_(0.1 * torch.randn_like(p))
     prefix = "_orig_mod." if compiled else ""
     state = {prefix + k: v for k, v in model.state_dict().items()}
-    model_args = dict(
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_embd=config.n_embd,
-        block_size=config.block_size,
-        bias=config.bias,
-        vocab_size=config.vocab_size,
-        dropout=0.0,
-    )
     checkpoint = dict(
         model=state,
-        model_args=model_args,
+        model_args=nanogpt_model_args(config),
         iter_num=10,
         best_val_loss=torch.tensor(2.5),
         config=dict(dataset="shakespeare_char", learning_rate=1e-3),
