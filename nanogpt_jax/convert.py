@@ -79,7 +79,8 @@ def download_from_hub(name: str) -> Path:
     except Exception as e:
         raise UserError(
             f"cannot download {HUB_REPOS[name]} from the Hugging Face hub "
-            f"({type(e).__name__}; offline?). Convert a local copy with --from=DIR instead"
+            f"({type(e).__name__}; offline?); a local copy, a Hugging Face GPT-2 directory, "
+            "loads as it is"
         ) from None
 
 
