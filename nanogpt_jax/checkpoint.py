@@ -14,6 +14,7 @@ place only when complete, so an interrupted write never leaves a directory that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -92,19 +93,32 @@ def save_model(
 ) -> Path:
     """Write a checkpoint directory atomically. `params` is GPT's parameter tree (a dict)."""
     directory = Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise UserError(f"{directory} already exists (pass --force to overwrite it)")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
+    refuse_existing(directory, overwrite)
+    with replacing(directory) as staging:
         staging.mkdir()
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, params)
         write_metadata(staging, metadata(config, tokenizer, info))
-        replace_directory(staging, directory)
+    return directory
+
+
+def refuse_existing(directory: str | Path, overwrite: bool) -> None:
+    """Conversions and exports never replace a directory unless told to."""
+    if Path(directory).exists() and not overwrite:
+        raise UserError(f"{directory} already exists (pass --force to overwrite it)")
+
+
+@contextlib.contextmanager
+def replacing(target: Path):
+    """A hidden sibling path of `target` to write into (the block creates it): renamed to
+    `target`, replacing what was there, when the block ends without error; removed either way."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staging
+        replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return directory
 
 
 def replace_directory(new: Path, target: Path) -> None:

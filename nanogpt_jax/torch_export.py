@@ -11,14 +11,12 @@ The directory is written beside its destination and renamed into place when comp
 from __future__ import annotations
 
 import math
-import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import jax
 
-from nanogpt_jax.checkpoint import replace_directory
+from nanogpt_jax.checkpoint import refuse_existing, replacing
 from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.tokenizer import CharTokenizer, Tokenizer, write_meta_pkl
@@ -33,23 +31,17 @@ def export_model(source: str, destination: str | Path, to: str, overwrite: bool 
     if to not in FORMATS:
         raise UserError(f"export format must be one of {', '.join(FORMATS)}, got {to!r}")
     destination = Path(destination).absolute()
-    if destination.exists() and not overwrite:
-        raise UserError(f"{destination} already exists (pass --force to overwrite it)")
+    refuse_existing(destination, overwrite)
     config, tokenizer, params, info = read_model(resolve(str(source)))
     if to == "hf" and isinstance(tokenizer, CharTokenizer):
         raise UserError(
             "a character-level model has no Hugging Face tokenizer; export it with --to=nanogpt"
         )
     params = jax.device_get(params)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.parent / f".{destination.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
+    with replacing(destination) as staging:
         staging.mkdir()
         write = write_nanogpt if to == "nanogpt" else write_hf
         write(staging, config, tokenizer, params, info)
-        replace_directory(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return destination
 
 

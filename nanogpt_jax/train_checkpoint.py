@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import uuid
 from pathlib import Path
 
 import jax
@@ -30,7 +28,7 @@ from nanogpt_jax.checkpoint import (
     PARAMS_DIR,
     TRAINING_DIR,
     on_default_device,
-    replace_directory,
+    replacing,
     write_text_atomic,
 )
 from nanogpt_jax.errors import UserError
@@ -109,13 +107,9 @@ class RunDirectory:
 
     def save_best_params(self, params: dict) -> None:
         """out_dir/params, replaced atomically: the model that `load(out_dir)` serves."""
-        staging = self.out_dir / f".{PARAMS_DIR}.partial-{uuid.uuid4().hex[:8]}"
-        try:
-            with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(staging, params)
-            replace_directory(staging, self.out_dir / PARAMS_DIR)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # the checkpointer closes (its writes complete) before the rename
+        with replacing(self.out_dir / PARAMS_DIR) as staging, ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(staging, params)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.out_dir / METRICS_FILE, "a") as f:

@@ -38,15 +38,13 @@ def main(argv: list[str]) -> None:
     flags = parse_flags(ConvertFlags, argv, usage=USAGE)
     if not flags.from_ or not flags.out_dir:
         raise UserError(f"--from and --out_dir are required ({USAGE})")
-    from pathlib import Path
 
-    from nanogpt_jax.checkpoint import count_params, save_model
+    from nanogpt_jax.checkpoint import count_params, refuse_existing, save_model
     from nanogpt_jax.convert import convert
 
     if flags.to not in ("nanogpt-jax", "nanogpt", "hf"):
         raise UserError(f"--to must be nanogpt-jax, nanogpt or hf, got {flags.to!r}")
-    if Path(flags.out_dir).exists() and not flags.force:
-        raise UserError(f"{flags.out_dir} already exists (pass --force to overwrite it)")
+    refuse_existing(flags.out_dir, flags.force)  # before the slow part
     if flags.to != "nanogpt-jax":
         from nanogpt_jax.torch_export import export_model
 
