@@ -23,18 +23,13 @@ from nanogpt_jax.checkpoint import (
 )
 from nanogpt_jax.config import PRESETS, GPTConfig
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.home import cache_home
 from nanogpt_jax.sharding import shard_params
 from nanogpt_jax.tokenizer import Tokenizer
 
 BUILTIN_DIR = Path(__file__).parent / "pretrained"
 BUILTIN_MODELS = ("shakespeare-char",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def cache_home() -> Path:
-    """Where converted presets and compiled programs are kept (`$NANOGPT_JAX_HOME`)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanogpt_jax"
-    return Path(os.environ.get("NANOGPT_JAX_HOME", default))
 
 
 @dataclass
@@ -49,7 +44,7 @@ class ModelBundle:
     dtype: str = "float32"  # compute dtype
     info: dict = field(default_factory=dict)
     mesh: Mesh | None = None  # devices the params and batches are spread over
-    engine: object = field(default=None, repr=False)  # the sampler's compiled programs
+    engine: object = field(default=None, repr=False)  # the Engine's compiled programs, if any
 
     def logits(self, ids) -> jax.Array:
         """Float32 logits (B, T, V) for token ids (B, T), T <= block_size."""
@@ -67,6 +62,7 @@ class ModelBundle:
 
     def generate(self, prompts, **options):
         """Sample continuations; see `nanogpt_jax.generate.generate` for the options."""
+        # Imported here: generate builds on the bundle, so the bundle cannot import it first.
         from nanogpt_jax.generate import generate
 
         return generate(self, prompts, **options)
@@ -125,7 +121,7 @@ def read_model(path: Path, mesh: Mesh | None = None) -> tuple[GPTConfig, Tokeniz
     if weights is None:
         config, tokenizer, info = read_metadata(path)
         return config, tokenizer, load_params(path, config, mesh), info
-    from nanogpt_jax.convert import convert
+    from nanogpt_jax.interop.convert import convert
 
     print(f"converting {weights} (save it with scripts/convert.py to skip this)", file=sys.stderr)
     converted = convert(str(weights))  # host arrays, placed by the caller
@@ -155,7 +151,7 @@ def resolve(name_or_path: str) -> Path:
     if name_or_path in PRESETS:
         path = cache_home() / "models" / name_or_path
         if not path.is_dir():
-            from nanogpt_jax.convert import convert
+            from nanogpt_jax.interop.convert import convert
 
             print(f"converting {name_or_path} into {path} (first use)", file=sys.stderr)
             converted = convert(name_or_path)

@@ -15,16 +15,20 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nanogpt_jax.bundle import ModelBundle, cache_home
+from nanogpt_jax.home import cache_home
 from nanogpt_jax.model import KVCache, init_cache
 from nanogpt_jax.sampling import SamplingParams, sample
 from nanogpt_jax.sharding import batch_sharding, cache_sharding, global_array
+
+if TYPE_CHECKING:  # the bundle holds an Engine; the engine only reads the bundle's fields
+    from nanogpt_jax.bundle import ModelBundle
 
 FILL = -1  # token buffer slots not written yet, or written after a row stopped
 STEPS_BETWEEN_CHECKS = 16  # decode steps between two looks at whether every row is done

@@ -92,8 +92,8 @@ def write_nanogpt_checkpoint(directory: Path, config, chars=None, seed=0, compil
     torch.compile's `_orig_mod.`), plus a meta.pkl when `chars` is given. Returns the model."""
     import torch
 
-    from nanogpt_jax.torch_export import nanogpt_model_args
-    from nanogpt_jax.torch_reference import GPT as TorchGPT
+    from nanogpt_jax.interop.export import nanogpt_model_args
+    from nanogpt_jax.interop.torch_reference import GPT as TorchGPT
 
     torch.manual_seed(seed)
     model = TorchGPT(config).eval()
@@ -129,7 +129,7 @@ def char_checkpoint(tmp_path_factory, shakespeare_chars):
     """A converted random char-level model (65 symbols, block_size 32)."""
     from nanogpt_jax.checkpoint import save_model
     from nanogpt_jax.config import GPTConfig
-    from nanogpt_jax.convert import convert
+    from nanogpt_jax.interop.convert import convert
 
     directory = tmp_path_factory.mktemp("char_ckpt")
     config = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=False)
@@ -142,7 +142,7 @@ def char_checkpoint(tmp_path_factory, shakespeare_chars):
 def gpt2_checkpoint(tmp_path_factory):
     """A converted random GPT-2-vocabulary model (block_size 64) and its torch original."""
     from nanogpt_jax.checkpoint import save_model
-    from nanogpt_jax.convert import convert
+    from nanogpt_jax.interop.convert import convert
 
     directory = tmp_path_factory.mktemp("gpt2_ckpt")
     model = hf_gpt2()

@@ -10,7 +10,7 @@ from conftest import REPO, SHAKESPEARE, run_script
 
 import nanogpt_jax
 from nanogpt_jax.bundle import BUILTIN_DIR
-from nanogpt_jax.export import val_loss
+from nanogpt_jax.training.export import val_loss
 
 TOLERANCE = 0.05
 

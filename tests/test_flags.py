@@ -60,7 +60,7 @@ def test_every_command_explains_every_flag():
     from nanogpt_jax.commands.convert import ConvertFlags
     from nanogpt_jax.commands.prepare import PrepareBPEFlags, PrepareFlags
     from nanogpt_jax.commands.sample import SampleFlags
-    from nanogpt_jax.train_config import TrainConfig
+    from nanogpt_jax.training.config import TrainConfig
 
     commands = (BenchFlags, ConvertFlags, PrepareFlags, PrepareBPEFlags, SampleFlags, TrainConfig)
     for flags_class in commands:

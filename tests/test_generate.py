@@ -13,9 +13,9 @@ import nanogpt_jax
 from nanogpt_jax.bundle import make_bundle
 from nanogpt_jax.checkpoint import params_of
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.convert import convert
 from nanogpt_jax.engine import FILL, engine_of
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.interop.convert import convert
 from nanogpt_jax.model import GPT
 from nanogpt_jax.sampling import SamplingParams
 from nanogpt_jax.tokenizer import CharTokenizer
@@ -242,7 +242,7 @@ def test_convert_hf_for_generation_matches_torch_reference(tmp_path):
     model.save_pretrained(tmp_path)
     converted = convert(str(tmp_path))
     bundle = make_bundle(converted.config, converted.tokenizer, converted.params)
-    from nanogpt_jax.torch_reference import from_params
+    from nanogpt_jax.interop.torch_reference import from_params
 
     reference = from_params(converted.config, converted.params)
     prompt = [[5, 6, 7, 8]]

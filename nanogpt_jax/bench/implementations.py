@@ -2,7 +2,7 @@
 
     jax            this project's engine: prefill, then a jitted KV-cached decode scan
     jax-mesh       the same engine on a device mesh (`--mesh`), batch rows over `data`
-    jax-nocache    this project's model, nanoGPT's algorithm (see `nanogpt_jax.recompute`)
+    jax-nocache    this project's model, nanoGPT's algorithm (see `nanogpt_jax.bench.nocache`)
     torch-nanogpt  nanoGPT's model and `generate` in PyTorch, eager (no cache)
     torch-compile  the same under `torch.compile`
     hf             Hugging Face `GPT2LMHeadModel.generate`, KV cache
@@ -122,7 +122,7 @@ class JaxRecompute(JaxMemory, Implementation):
         self.sizes = {}
 
     def generate(self, prompts, num_new):
-        from nanogpt_jax.recompute import generate_greedy
+        from nanogpt_jax.bench.nocache import generate_greedy
 
         prompts = jnp.asarray(prompts, jnp.int32)
         key = (prompts.shape, num_new)
@@ -185,7 +185,7 @@ class TorchNanoGPT(TorchMemory, Implementation):
     def generate(self, prompts, num_new):
         import torch
 
-        from nanogpt_jax.torch_reference import GPT
+        from nanogpt_jax.interop.torch_reference import GPT
 
         idx = torch.from_numpy(np.asarray(prompts, np.int64)).to(self.device)
         with torch.inference_mode():
@@ -223,7 +223,7 @@ def torch_model(config: GPTConfig, params: dict, device: str, dtype: str):
     """nanoGPT's torch GPT holding `params`, on `device` in `dtype`."""
     import torch
 
-    from nanogpt_jax.torch_reference import GPT, state_dict_from_params
+    from nanogpt_jax.interop.torch_reference import GPT, state_dict_from_params
 
     with torch.device("meta"):  # no time spent on a random init that is overwritten
         model = GPT(config)
@@ -263,7 +263,7 @@ def build(
         elif name == "hf":
             import torch
 
-            from nanogpt_jax.hf_export import to_hf
+            from nanogpt_jax.interop.hf_model import to_hf
 
             model = to_hf(bundle.config, params, vocab_size)
             impls[name] = HuggingFace(model.to(device=device, dtype=getattr(torch, dtype)), device)

@@ -6,7 +6,7 @@ Order of a run:
      matmuls); the first `check_steps` tokens must equal the `jax` engine's, so that a fast
      wrong result cannot win. bfloat16 runs are checked in float32 too: rounding differs
      between libraries, and greedy paths legitimately part at near-ties.
-  2. the hardware: memory bandwidth and matmul rate, measured now (`bench_hardware`).
+  2. the hardware: memory bandwidth and matmul rate, measured now (`bench/hardware.py`).
   3. for each grid cell and implementation, all greedy: one-token runs give the time to first
      token (prefill + one step); full runs give tokens/s; the difference, over the remaining
      steps, gives the steady decode time per step. Warm-ups are not timed; compilation is
@@ -24,7 +24,7 @@ Definitions (one row per implementation and cell):
   ops_per_step, busy_ms_per_step  (with `profile`) from one more run, traced by jax.profiler
                     or torch.profiler: device ops (GPU kernels; on a CPU, XLA ops or aten
                     operators) per step and the time the device was busy; the op-by-op
-                    breakdown goes to DIR/profile-IMPL-bB-pP-nN.txt (`bench_profile`)
+                    breakdown goes to DIR/profile-IMPL-bB-pP-nN.txt (`bench/profile.py`)
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogpt_jax import bench_hardware, bench_impls, bench_profile, bench_report
+from nanogpt_jax.bench import hardware as bench_hardware
+from nanogpt_jax.bench import implementations as bench_impls
+from nanogpt_jax.bench import profile as bench_profile
+from nanogpt_jax.bench import report as bench_report
 from nanogpt_jax.config import PRESETS, GPTConfig
 from nanogpt_jax.errors import UserError
 

@@ -7,7 +7,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 \
     python scripts/bench.py --model=gpt2 --batch_sizes=8 --impls=jax --mesh=data:8
 
 The table goes to stdout; DIR/results.json, results.csv and throughput.png hold everything.
-See nanogpt_jax/benchmark.py for what each column measures.
+See nanogpt_jax/bench/run.py for what each column measures.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def main(argv: list[str]) -> None:
     select_platform(flags.device)
     import jax
 
-    from nanogpt_jax import bench_impls, bench_report
-    from nanogpt_jax.benchmark import Settings, run_benchmark, validate
+    from nanogpt_jax.bench import implementations as bench_impls
+    from nanogpt_jax.bench import report as bench_report
+    from nanogpt_jax.bench.run import Settings, run_benchmark, validate
 
     # compile_s is a cold compile: no programs from earlier runs
     jax.config.update("jax_enable_compilation_cache", False)

@@ -40,13 +40,13 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--from and --out_dir are required ({USAGE})")
 
     from nanogpt_jax.checkpoint import count_params, refuse_existing, save_model
-    from nanogpt_jax.convert import convert
+    from nanogpt_jax.interop.convert import convert
 
     if flags.to not in ("nanogpt-jax", "nanogpt", "hf"):
         raise UserError(f"--to must be nanogpt-jax, nanogpt or hf, got {flags.to!r}")
     refuse_existing(flags.out_dir, flags.force)  # before the slow part
     if flags.to != "nanogpt-jax":
-        from nanogpt_jax.torch_export import export_model
+        from nanogpt_jax.interop.export import export_model
 
         if flags.meta:
             raise UserError("--meta is for reading a nanoGPT ckpt.pt, not for --to")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanogpt_jax.commands import read_text_file, run
-from nanogpt_jax.data import prepare_bpe_dataset, prepare_char_dataset
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.flags import flag, parse_flags
+from nanogpt_jax.training.data import prepare_bpe_dataset, prepare_char_dataset
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from nanogpt_jax.commands import run, select_platform
 from nanogpt_jax.flags import parse_flags
-from nanogpt_jax.train_config import TrainConfig
+from nanogpt_jax.training.config import TrainConfig
 
 USAGE = "usage: python scripts/train.py [config files] [--key=value ...]"
 
@@ -18,7 +18,7 @@ def main(argv: list[str]) -> None:
     config = parse_flags(TrainConfig, argv, config_files=True, usage=USAGE)
     select_platform(config.device)
     from nanogpt_jax.engine import enable_persistent_compilation_cache
-    from nanogpt_jax.train import train
+    from nanogpt_jax.training.loop import train
 
     # a resumed run finds its train step compiled already
     enable_persistent_compilation_cache()

@@ -49,7 +49,7 @@ def write_nanogpt(directory: Path, config: GPTConfig, tokenizer: Tokenizer, para
     """ckpt.pt (+ meta.pkl) that nanoGPT's sample.py and train.py (init_from=resume) load."""
     import torch
 
-    from nanogpt_jax.torch_reference import state_dict_from_params
+    from nanogpt_jax.interop.torch_reference import state_dict_from_params
 
     if config.activation_function != "gelu":
         print(
@@ -87,7 +87,7 @@ def nanogpt_model_args(config: GPTConfig) -> dict:
 def write_hf(directory: Path, config: GPTConfig, tokenizer: Tokenizer, params, info):
     """A GPT-2 directory for `GPT2LMHeadModel.from_pretrained`, nanoGPT's padding rows of the
     vocabulary dropped; GPT-2's tokenizer is `GPT2TokenizerFast.from_pretrained("gpt2")`."""
-    from nanogpt_jax.hf_export import to_hf
+    from nanogpt_jax.interop.hf_model import to_hf
 
     model = to_hf(config, params, vocab_size=tokenizer.vocab_size)
     for settings in (model.config, model.generation_config):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.convert import is_linear_weight
-from nanogpt_jax.torch_reference import state_dict_from_params
+from nanogpt_jax.interop.convert import is_linear_weight
+from nanogpt_jax.interop.torch_reference import state_dict_from_params
 
 
 def hf_state_dict(config: GPTConfig, params: dict, vocab_size: int | None = None) -> dict:

@@ -135,7 +135,7 @@ class GPT(nn.Module):
 
 def state_dict_from_params(params: dict) -> dict[str, torch.Tensor]:
     """This project's parameter tree as a nanoGPT state dict (same names, same layouts)."""
-    from nanogpt_jax.convert import torch_name
+    from nanogpt_jax.interop.convert import torch_name
 
     flat = {}
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from nanogpt_jax.bundle import ModelBundle, load
 from nanogpt_jax.checkpoint import load_params, save_model
-from nanogpt_jax.data import consecutive_windows, split_text
-from nanogpt_jax.train_step import windowed_loss
+from nanogpt_jax.training.data import consecutive_windows, split_text
+from nanogpt_jax.training.step import windowed_loss
 
 VAL_LOSS_METHOD = (
     "mean cross-entropy over the last 10% of the text (nanoGPT's val split) in consecutive, "

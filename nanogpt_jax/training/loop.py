@@ -25,7 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogpt_jax.checkpoint import abstract_model, count_params, metadata, write_metadata
-from nanogpt_jax.data import (
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.training.config import TrainConfig
+from nanogpt_jax.training.data import (
     EVAL_BATCHES,
     SPLITS,
     TRAIN_BATCHES,
@@ -34,12 +36,10 @@ from nanogpt_jax.data import (
     open_dataset,
     sample_batch,
 )
-from nanogpt_jax.errors import UserError
-from nanogpt_jax.optim import learning_rate_schedule, make_optimizer
-from nanogpt_jax.train_checkpoint import RunDirectory
-from nanogpt_jax.train_config import TrainConfig
-from nanogpt_jax.train_init import starting_point
-from nanogpt_jax.train_step import flops_per_token, known_peak_flops, make_train_step, mean_loss
+from nanogpt_jax.training.optim import learning_rate_schedule, make_optimizer
+from nanogpt_jax.training.run_directory import RunDirectory
+from nanogpt_jax.training.start import starting_point
+from nanogpt_jax.training.step import flops_per_token, known_peak_flops, make_train_step, mean_loss
 
 INIT_STREAM, DROPOUT_STREAM = 0, 1  # streams of the root key
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nanogpt_jax.train_config import TrainConfig
+from nanogpt_jax.training.config import TrainConfig
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which nanoGPT keeps
 

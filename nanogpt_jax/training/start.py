@@ -11,12 +11,12 @@ from flax import nnx
 from nanogpt_jax.bundle import read_model, resolve
 from nanogpt_jax.checkpoint import abstract_model, params_of, read_metadata
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.data import Dataset
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.model import GPT
 from nanogpt_jax.tokenizer import Tokenizer
-from nanogpt_jax.train_checkpoint import RunDirectory, abstract_tree
-from nanogpt_jax.train_config import TrainConfig
+from nanogpt_jax.training.config import TrainConfig
+from nanogpt_jax.training.data import Dataset
+from nanogpt_jax.training.run_directory import RunDirectory, abstract_tree
 
 GPT2_PADDED_VOCAB = 50304  # nanoGPT's vocabulary size for datasets without meta.pkl
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "bias")

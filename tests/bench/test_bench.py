@@ -11,11 +11,11 @@ import torch
 from conftest import assert_one_line_error, run_script
 from flax import nnx
 
+from nanogpt_jax.bench.nocache import generate_greedy, window_plan
 from nanogpt_jax.checkpoint import params_of
 from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.interop.torch_reference import from_params
 from nanogpt_jax.model import GPT
-from nanogpt_jax.recompute import generate_greedy, window_plan
-from nanogpt_jax.torch_reference import from_params
 
 CPU_IMPLS = "jax,jax-nocache,torch-nanogpt,hf"
 
@@ -152,7 +152,7 @@ def test_window_plan_covers_every_step_once():
 
 @pytest.mark.parametrize("bias, activation", [(True, "gelu_new"), (False, "gelu")])
 def test_hf_export_logits_match(bias, activation):
-    from nanogpt_jax.hf_export import to_hf
+    from nanogpt_jax.interop.hf_model import to_hf
 
     config = GPTConfig(
         block_size=16,

@@ -3,7 +3,7 @@ exclusive time under nesting, and busy time under overlap."""
 
 import pytest
 
-from nanogpt_jax.bench_profile import (
+from nanogpt_jax.bench.profile import (
     busy_microseconds,
     device_events,
     exclusive_times,

@@ -20,8 +20,8 @@ import nanogpt_jax
 from nanogpt_jax.bundle import make_bundle
 from nanogpt_jax.checkpoint import METADATA_FILE, load_params, read_metadata, save_model
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.convert import convert
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.interop.convert import convert
 from nanogpt_jax.tokenizer import CharTokenizer
 
 TOLERANCE = 1e-4  # max |logit difference| allowed against PyTorch, float32
@@ -174,7 +174,7 @@ def test_load_converts_pytorch_weights_in_memory(gpt2_checkpoint):
 def test_export_to_nanogpt_loads_in_its_model_and_back(char_checkpoint, tmp_path):
     """--to=nanogpt writes what nanoGPT's sample.py loads: its GPT (our torch replica of it)
     gives our logits, and importing the files again gives our parameters bit for bit."""
-    from nanogpt_jax.torch_reference import GPT as TorchGPT
+    from nanogpt_jax.interop.torch_reference import GPT as TorchGPT
 
     out = tmp_path / "torch"
     result = run_script("convert", f"--from={char_checkpoint}", "--to=nanogpt", f"--out_dir={out}")

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from conftest import SHAKESPEARE, assert_one_line_error, run_script
 
-from nanogpt_jax.data import (
+from nanogpt_jax.errors import UserError
+from nanogpt_jax.tokenizer import CharTokenizer
+from nanogpt_jax.training.data import (
     batch_rng,
     consecutive_windows,
     open_dataset,
@@ -14,8 +16,6 @@ from nanogpt_jax.data import (
     sample_batch,
     split_text,
 )
-from nanogpt_jax.errors import UserError
-from nanogpt_jax.tokenizer import CharTokenizer
 
 
 def nanogpt_prepare(data: str):

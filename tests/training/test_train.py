@@ -18,14 +18,14 @@ import nanogpt_jax
 from nanogpt_jax.checkpoint import abstract_model, params_dir, params_of
 from nanogpt_jax.commands.train import main as train_main
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.data import prepare_bpe_dataset, prepare_char_dataset
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.flags import parse_flags
 from nanogpt_jax.model import GPT
-from nanogpt_jax.optim import decays, learning_rate_schedule, make_optimizer
-from nanogpt_jax.train import train
-from nanogpt_jax.train_config import TrainConfig
-from nanogpt_jax.train_step import make_train_step
+from nanogpt_jax.training.config import TrainConfig
+from nanogpt_jax.training.data import prepare_bpe_dataset, prepare_char_dataset
+from nanogpt_jax.training.loop import train
+from nanogpt_jax.training.optim import decays, learning_rate_schedule, make_optimizer
+from nanogpt_jax.training.step import make_train_step
 
 MAX_ITERS = 20
 
