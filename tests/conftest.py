@@ -48,8 +48,54 @@ def assert_one_line_error(result, *fragments: str):
         assert fragment in errors[0], errors[0]
 
 
+# Weights drawn at GPT-2's init scale make a model whose greedy output repeats one or two
+# tokens, so a decoder that feeds back the wrong token or writes the cache a slot off would
+# still agree with its reference. Matrices and embeddings scaled up make outputs wander over
+# many tokens (tests assert how many), and activations large enough that the choice of GELU
+# shows in the logits. A vocabulary of a few hundred symbols needs a larger factor than
+# GPT-2's 50257 to stop repeating; beyond these, float32 rounding grows with the activations.
+SPREAD = 10.0  # GPT-2 vocabulary: 19-46 distinct greedy tokens in 60 (seed 0)
+SMALL_VOCAB_SPREAD = 20.0  # 65-300 symbols: 11-27 distinct greedy tokens in 60
+
+
+def spread_params(params, scale=SMALL_VOCAB_SPREAD):
+    """A JAX parameter tree with its matrices and embeddings scaled by `scale`."""
+    import jax
+
+    return jax.tree.map(lambda x: x * scale if x.ndim == 2 else x, params)
+
+
+def spread_torch_(model, scale=SPREAD):
+    """Scale a torch model's matrices and embeddings by `scale`, in place."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.mul_(scale)
+    return model
+
+
+def spread_model(config, seed=0, scale=SMALL_VOCAB_SPREAD):
+    """This project's GPT with spread weights, and its parameter tree."""
+    from flax import nnx
+
+    from nanogpt_jax.checkpoint import params_of
+    from nanogpt_jax.model import GPT
+
+    model = GPT(config, rngs=nnx.Rngs(seed))
+    params = spread_params(params_of(model), scale)
+    nnx.update(model, params)
+    return model, params
+
+
+def distinct_new(tokens, prompt_length: int) -> int:
+    """How many different tokens a row generated after its prompt."""
+    return len(set(np.asarray(tokens)[prompt_length:].tolist()) - {-1})
+
+
 def hf_gpt2(seed=0, **overrides):
-    """A random Hugging Face GPT2LMHeadModel with a tiny config."""
+    """A random Hugging Face GPT2LMHeadModel with a tiny config and spread weights."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -63,7 +109,7 @@ def hf_gpt2(seed=0, **overrides):
         activation_function="gelu_new",
     )
     config.update(overrides)
-    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+    return spread_torch_(GPT2LMHeadModel(GPT2Config(**config)).eval())
 
 
 def write_hub_layout(model, directory: Path) -> Path:
@@ -97,6 +143,7 @@ def write_nanogpt_checkpoint(directory: Path, config, chars=None, seed=0, compil
 
     torch.manual_seed(seed)
     model = TorchGPT(config).eval()
+    spread_torch_(model, SMALL_VOCAB_SPREAD)
     with torch.no_grad():  # make biases and LayerNorms non-trivial so a dropped one shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "ln_" in name:
@@ -133,7 +180,8 @@ def char_checkpoint(tmp_path_factory, shakespeare_chars):
 
     directory = tmp_path_factory.mktemp("char_ckpt")
     config = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=False)
-    write_nanogpt_checkpoint(directory / "torch", config, chars=shakespeare_chars)
+    # seed 2: greedy samples wander over 17-21 symbols in 40 (the parity tests assert > 10)
+    write_nanogpt_checkpoint(directory / "torch", config, chars=shakespeare_chars, seed=2)
     converted = convert(str(directory / "torch" / "ckpt.pt"))
     return save_model(directory / "model", converted.params, converted.config, converted.tokenizer)
 
@@ -154,6 +202,22 @@ def gpt2_checkpoint(tmp_path_factory):
 
 def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# Float32 logits of two implementations agree to ~1e-6 of the logit scale (spread weights,
+# measured); exact vs tanh GELU moves them by ~3e-4 of it, thirty times this tolerance.
+LOGIT_TOLERANCE = 1e-5
+
+
+def relative_logit_error(ours, reference) -> float:
+    """max |ours - reference| / max |reference|."""
+    return max_abs_diff(ours, reference) / float(np.max(np.abs(np.asarray(reference))))
+
+
+def assert_logits_close(ours, reference, tolerance=LOGIT_TOLERANCE) -> float:
+    error = relative_logit_error(ours, reference)
+    assert error <= tolerance, f"logits differ by {error:.2e} of their scale"
+    return error
 
 
 def pickle_bytes(obj) -> bytes:

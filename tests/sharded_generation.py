@@ -1,5 +1,6 @@
 """Runs in its own process with 8 host devices (see test_sharding.py): generates with one
-checkpoint under several mesh layouts and prints tokens and shardings as JSON."""
+checkpoint under several mesh layouts, and one whose vocabulary and heads do not divide over
+`model:2`, and prints tokens and shardings as JSON."""
 
 import json
 import os
@@ -20,16 +21,29 @@ def spec_of(array) -> list:
     return [str(axis) for axis in array.sharding.spec]
 
 
-def main(checkpoint: str) -> None:
+def main(checkpoint: str, odd_checkpoint: str) -> None:
     assert len(jax.devices()) == 8
+    out = {
+        "even": layouts(checkpoint, [None, "data:8", "data:4,model:2", "data:2,model:4"]),
+        "odd": layouts(odd_checkpoint, [None, "data:4,model:2"]),
+    }
+    print(json.dumps(out))
+
+
+def layouts(checkpoint: str, specs: list) -> dict:
     out = {}
-    for layout in [None, "data:8", "data:4,model:2", "data:2,model:4"]:
+    for layout in specs:
         mesh = None if layout is None else make_mesh(layout)
         bundle = nanogpt_jax.load(checkpoint, mesh=mesh)
         greedy = bundle.generate(PROMPTS, max_new_tokens=24, temperature=0.0)
         sampled = bundle.generate(PROMPTS, max_new_tokens=24, temperature=1.0, top_k=20, seed=3)
         block = bundle.params["h"][0]
-        record = dict(greedy=greedy.tokens.tolist(), sampled=sampled.tokens.tolist())
+        record = dict(
+            greedy=greedy.tokens.tolist(),
+            sampled=sampled.tokens.tolist(),
+            prompt_lengths=greedy.prompt_lengths.tolist(),
+            lengths=[greedy.lengths.tolist(), sampled.lengths.tolist()],
+        )
         if mesh is not None:
             record["params"] = {
                 "attn.c_attn.weight": spec_of(block["attn"]["c_attn"]["weight"][...]),
@@ -46,7 +60,7 @@ def main(checkpoint: str) -> None:
             record["cache"] = spec_of(state.cache.k[0])
             record["cache_shape"] = list(state.cache.k[0].shape)
         out[layout or "single"] = record
-    print(json.dumps(out))
+    return out
 
 
 def padded_prompt(bundle, rows):
@@ -58,4 +72,4 @@ def padded_prompt(bundle, rows):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

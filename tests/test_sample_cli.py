@@ -1,12 +1,17 @@
 """scripts/sample.py end to end: nanoGPT's output format, reproducibility across processes,
 streaming, the persistent compilation cache, and one-line errors."""
 
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO, assert_one_line_error, run_script
+
+import nanogpt_jax
+from nanogpt_jax.commands.sample import SampleFlags
 
 SEPARATOR = "---------------"
 
@@ -15,8 +20,22 @@ def sample(checkpoint, *flags, env=None):
     return run_script("sample", f"--init_from={checkpoint}", *flags, env=env)
 
 
+ENGINE_PROGRAMS = ("jit_prefill", "jit_decode")
+# JAX names each program it finds in, misses in, or leaves out of the persistent cache
+CACHE_LOGS = {"JAX_LOG_COMPILES": "1", "JAX_EXPLAIN_CACHE_MISSES": "1"}
+
+
+def cache_events(stderr: str, program: str) -> set[str]:
+    events = {
+        "hit": f"Persistent compilation cache hit for '{program}'",
+        "miss": f"PERSISTENT COMPILATION CACHE MISS for '{program}'",
+        "too quick to keep": f"Not writing persistent cache entry for '{program}'",
+    }
+    return {name for name, line in events.items() if line in stderr}
+
+
 def test_same_seed_same_text_in_two_processes(char_checkpoint, tmp_path):
-    home = {"NANOGPT_JAX_HOME": str(tmp_path / "home")}
+    home = {"NANOGPT_JAX_HOME": str(tmp_path / "home"), **CACHE_LOGS}
     flags = ["--start=ROMEO:", "--num_samples=3", "--max_new_tokens=40", "--seed=5"]
     first = sample(char_checkpoint, *flags, env=home)
     second = sample(char_checkpoint, *flags, env=home)
@@ -27,15 +46,78 @@ def test_same_seed_same_text_in_two_processes(char_checkpoint, tmp_path):
     assert all(s.startswith("ROMEO:") for s in samples[:3])
     assert "tokens/s" in first.stderr and "tokens/s" not in first.stdout
 
-    # the second process found every program in the persistent compilation cache
-    cached = sorted(p.name for p in (tmp_path / "home" / "xla").iterdir())
-    assert cached
+    # the first process compiled the engine's programs and kept them; the second compiled
+    # none of them: each came from the persistent cache (a program compiled in under the
+    # cache's 0.5 s threshold is not kept, and JAX says so)
+    kept = [p for p in ENGINE_PROGRAMS if "too quick to keep" not in cache_events(first.stderr, p)]
+    assert "jit_decode" in kept  # the decode loop always takes longer than that
+    for program in ENGINE_PROGRAMS:
+        assert "hit" not in cache_events(first.stderr, program)
+        assert "miss" in cache_events(first.stderr, program)
+    for program in kept:
+        assert cache_events(second.stderr, program) == {"hit"}, (program, second.stderr)
+    # temperature is an argument of the programs, not part of them: still nothing to compile
     third = sample(char_checkpoint, *flags, "--temperature=1.1", env=home)
-    assert sorted(p.name for p in (tmp_path / "home" / "xla").iterdir()) == cached
     assert third.stdout != first.stdout
+    for program in kept:
+        assert cache_events(third.stderr, program) == {"hit"}, (program, third.stderr)
 
     other_seed = sample(char_checkpoint, *flags[:-1], "--seed=6", env=home)
     assert other_seed.stdout != first.stdout
+
+
+# nanoGPT's sample.py, the settings at its top (its `compile` and `device` are PyTorch's)
+NANOGPT_SAMPLE_DEFAULTS = dict(
+    init_from="resume",
+    out_dir="out",
+    start="\n",
+    num_samples=10,
+    max_new_tokens=500,
+    temperature=0.8,
+    top_k=200,
+    seed=1337,
+)
+
+
+def test_no_flags_samples_nanogpts_defaults_as_the_python_api_does(char_checkpoint, tmp_path):
+    """`python sample.py` in a directory holding `out/`, as nanoGPT is run: its defaults,
+    and stdout equal to `bundle.generate` with those values, printed as nanoGPT prints."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SampleFlags)}
+    assert {k: defaults[k] for k in NANOGPT_SAMPLE_DEFAULTS} == NANOGPT_SAMPLE_DEFAULTS
+    shutil.copytree(char_checkpoint, tmp_path / "out")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sample.py")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = nanogpt_jax.load(char_checkpoint).generate(
+        ["\n"] * 10, max_new_tokens=500, temperature=0.8, top_k=200, seed=1337
+    )
+    assert len(set(expected.texts)) == 10 and all(len(t) == 501 for t in expected.texts)
+    assert result.stdout == "".join(f"{text}\n{SEPARATOR}\n" for text in expected.texts)
+
+
+@pytest.mark.parametrize(
+    "flag, option",
+    [
+        ("--top_k=4", dict(top_k=4)),
+        ("--top_p=0.6", dict(top_p=0.6)),
+        ("--min_p=0.2", dict(min_p=0.2)),
+        ("--temperature=0.5", dict(temperature=0.5)),
+    ],
+)
+def test_each_sampling_flag_reaches_generate(char_checkpoint, flag, option):
+    base = dict(max_new_tokens=60, temperature=1.0, top_k=None, seed=4)
+    bundle = nanogpt_jax.load(char_checkpoint)
+    expected = bundle.generate(["KING:"] * 3, **(base | option)).texts
+    assert expected != bundle.generate(["KING:"] * 3, **base).texts  # the option matters
+    flags = ["--start=KING:", "--num_samples=3", "--max_new_tokens=60", "--seed=4"]
+    result = sample(char_checkpoint, *flags, "--temperature=1.0", "--top_k=None", flag)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(f"{text}\n{SEPARATOR}\n" for text in expected)
 
 
 def test_streaming_prints_the_same_samples(char_checkpoint, tmp_path):

@@ -1,12 +1,11 @@
 """The draw, tested statistically: over many keys, token frequencies match the tempered,
 filtered softmax (chi-square), and filtered-out tokens never appear."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_sampling import assert_matches, expected_distribution
 
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.sampling import SamplingParams, check_sampling_options, sample
@@ -18,31 +17,6 @@ LOGITS = np.array(
 )
 
 
-def expected_distribution(logits, temperature=1.0, top_k=None, top_p=1.0, min_p=0.0):
-    """The reference definitions, written independently of the implementation (numpy, float64)."""
-    z = np.asarray(logits, np.float64) / temperature
-    keep = np.ones_like(z, bool)
-    if top_k is not None:
-        kth = np.sort(z)[::-1][top_k - 1]
-        keep &= z >= kth  # ties with the k-th value are kept
-    p = softmax(np.where(keep, z, -np.inf))
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        before = np.cumsum(p[order]) - p[order]
-        threshold = p[order][before < top_p].min()
-        keep &= p >= threshold
-        p = softmax(np.where(keep, z, -np.inf))
-    if min_p > 0.0:
-        keep &= p >= min_p * p.max()
-        p = softmax(np.where(keep, z, -np.inf))
-    return p
-
-
-def softmax(z):
-    e = np.exp(z - np.max(z))
-    return e / e.sum()
-
-
 def draw_counts(logits, draws=DRAWS, seed=0, **options):
     params = SamplingParams.create(**options, vocab_size=len(logits))
     keys = jax.random.split(jax.random.key(seed), draws)
@@ -50,24 +24,6 @@ def draw_counts(logits, draws=DRAWS, seed=0, **options):
         jnp.broadcast_to(jnp.asarray(logits), (draws, len(logits))), keys, params
     )
     return np.bincount(np.asarray(tokens), minlength=len(logits))
-
-
-def chi_square_critical(dof: int, p_value: float = 1e-4) -> float:
-    """Upper quantile of the chi-square distribution (Wilson-Hilferty approximation)."""
-    z = {1e-3: 3.090, 1e-4: 3.719}[p_value]
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-
-
-def assert_matches(counts, expected):
-    """Removed tokens are never drawn; the kept ones follow `expected` (chi-square, p=1e-4)."""
-    assert np.all(counts[expected == 0] == 0), "a filtered-out token was drawn"
-    kept = expected > 0
-    observed, wanted = counts[kept], expected[kept] * counts.sum()
-    if kept.sum() == 1:
-        assert observed[0] == counts.sum()
-        return
-    statistic = float(np.sum((observed - wanted) ** 2 / wanted))
-    assert statistic < chi_square_critical(int(kept.sum()) - 1), (statistic, observed, wanted)
 
 
 @pytest.mark.parametrize(
@@ -94,8 +50,15 @@ def test_draw_frequencies_match_the_filtered_softmax(options):
 
 
 def test_top_k_keeps_ties_with_the_kth_logit():
-    expected = expected_distribution(LOGITS, top_k=3)
-    assert (expected > 0).sum() == 4  # 2.4, 2.0 and the two 1.5s
+    counts = draw_counts(LOGITS, draws=4000, top_k=3)
+    assert sorted(np.flatnonzero(counts)) == [0, 1, 2, 15]  # 2.0, both 1.5s, 2.4
+
+
+def test_greedy_breaks_ties_at_the_lowest_id():
+    tied = np.array([0.5, 3.0, -1.0, 3.0, 3.0, 1.0], np.float32)
+    for options in (dict(temperature=0.0), dict(temperature=0.0, top_k=2, top_p=0.5)):
+        counts = draw_counts(tied, draws=50, **options)
+        assert counts[1] == 50, (options, counts)
 
 
 def test_temperature_zero_is_greedy():
@@ -104,9 +67,10 @@ def test_temperature_zero_is_greedy():
 
 
 def test_top_p_always_keeps_the_most_likely_token():
-    peaked = np.array([10.0, 0.0, 0.0, 0.0], np.float32)
+    # the peak sits at the last id: a draw from all -inf logits would give id 0
+    peaked = np.array([0.0, 0.0, 0.0, 10.0], np.float32)
     counts = draw_counts(peaked, draws=2000, top_p=0.01)
-    assert counts[0] == 2000
+    assert counts[3] == 2000
 
 
 def test_large_vocabulary_and_candidate_bucket():

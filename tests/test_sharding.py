@@ -10,47 +10,81 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_script
-from flax import nnx
+from conftest import REPO, run_script, spread_model
 
-from nanogpt_jax.checkpoint import params_of, save_model
+from nanogpt_jax.checkpoint import save_model
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.model import GPT
 from nanogpt_jax.tokenizer import CharTokenizer
+
+
+def spread_checkpoint(directory, config, chars, seed):
+    _, params = spread_model(config, seed=seed)
+    return save_model(directory, params, config, CharTokenizer(chars))
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, shakespeare_chars):
     # vocab 96 (65 characters, padded) and 4 heads: both split evenly over 2 and 4 devices
     config = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64)
-    return save_model(
-        tmp_path_factory.mktemp("mesh") / "model",
-        params_of(GPT(config, rngs=nnx.Rngs(7))),
-        config,
-        CharTokenizer(shakespeare_chars),
-    )
+    directory = tmp_path_factory.mktemp("mesh") / "model"
+    return spread_checkpoint(directory, config, shakespeare_chars, seed=4)
 
 
 @pytest.fixture(scope="module")
-def layouts(checkpoint):
+def odd_checkpoint(tmp_path_factory, shakespeare_chars):
+    # vocab 65 and 3 heads: neither divides over model:2, so both stay whole on every device
+    config = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=3, n_embd=48)
+    directory = tmp_path_factory.mktemp("mesh_odd") / "model"
+    return spread_checkpoint(directory, config, shakespeare_chars, seed=2)
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoint, odd_checkpoint):
     script = Path(__file__).with_name("sharded_generation.py")
     result = subprocess.run(
-        [sys.executable, str(script), str(checkpoint)], capture_output=True, text=True, timeout=900
+        [sys.executable, str(script), str(checkpoint), str(odd_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("layout", ["data:8", "data:4,model:2", "data:2,model:4"])
-def test_greedy_tokens_do_not_depend_on_the_layout(layouts, layout):
-    assert layouts[layout]["greedy"] == layouts["single"]["greedy"]
+@pytest.fixture(scope="module")
+def layouts(runs):
+    return runs["even"]
 
 
+def new_tokens(record: dict, kind: str) -> list[list[int]]:
+    """Each row's generated tokens, after its own prompt."""
+    lengths = record["lengths"][0 if kind == "greedy" else 1]
+    return [
+        row[start:end]
+        for row, start, end in zip(record[kind], record["prompt_lengths"], lengths, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["greedy", "sampled"])
 @pytest.mark.parametrize("layout", ["data:8", "data:4,model:2", "data:2,model:4"])
-def test_sampled_tokens_do_not_depend_on_the_layout(layouts, layout):
+def test_new_tokens_do_not_depend_on_the_layout(layouts, layout, kind):
     # the key streams are identical; only float reduction order could differ between layouts
-    for row, expected in zip(layouts[layout]["sampled"], layouts["single"]["sampled"], strict=True):
-        assert row[:16] == expected[:16]
+    expected = new_tokens(layouts["single"], kind)
+    assert all(len(row) == 24 for row in expected)
+    assert all(len(set(row)) > 10 for row in expected)  # the rows wander: a mix-up would show
+    assert new_tokens(layouts[layout], kind) == expected
+
+
+def test_what_does_not_divide_stays_whole_and_samples_the_same(runs):
+    odd = runs["odd"]
+    params = odd["data:4,model:2"]["params"]
+    assert params["attn.c_attn.weight"] == [] and params["attn.c_proj.weight"] == []  # 3 heads
+    assert params["wte"] == []  # 65 rows
+    assert params["mlp.c_fc.weight"] == ["model", "None"]  # 192 hidden units do divide
+    for kind in ("greedy", "sampled"):
+        expected = new_tokens(odd["single"], kind)
+        assert all(len(set(row)) > 10 for row in expected)
+        assert new_tokens(odd["data:4,model:2"], kind) == expected
 
 
 def test_parameters_are_split_megatron_style(layouts):

@@ -1,6 +1,7 @@
 """PyTorch -> Flax conversion: logits parity with Hugging Face GPT-2 and nanoGPT, round trips,
 and clear errors for bad sources."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,9 +9,12 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 from conftest import (
+    LOGIT_TOLERANCE,
+    assert_logits_close,
     assert_one_line_error,
     hf_gpt2,
     max_abs_diff,
+    relative_logit_error,
     run_script,
     write_hub_layout,
     write_nanogpt_checkpoint,
@@ -23,8 +27,6 @@ from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.interop.convert import convert
 from nanogpt_jax.tokenizer import CharTokenizer
-
-TOLERANCE = 1e-4  # max |logit difference| allowed against PyTorch, float32
 
 
 def torch_logits(model, ids):
@@ -50,9 +52,62 @@ def test_hf_logits_match_transformers(tmp_path, overrides):
     assert converted.config.activation_function == overrides.get("activation_function", "gelu_new")
     bundle = make_bundle(converted.config, converted.tokenizer, converted.params)
     ids = np.random.default_rng(0).integers(0, 50257, (3, 40))
-    diff = max_abs_diff(bundle.logits(ids), torch_logits(model, ids))
-    print(f"max |logit diff| vs transformers {overrides}: {diff:.2e}")
-    assert diff <= TOLERANCE
+    reference = torch_logits(model, ids)
+    error = assert_logits_close(bundle.logits(ids), reference)
+    print(f"logit error vs transformers {overrides}: {error:.2e} of the logit scale")
+    # the control: the same weights under the other GELU must be told apart
+    other = {"gelu": "gelu_new", "gelu_new": "gelu"}[converted.config.activation_function]
+    wrong = dataclasses.replace(converted.config, activation_function=other)
+    wrong_bundle = make_bundle(wrong, converted.tokenizer, converted.params)
+    assert relative_logit_error(wrong_bundle.logits(ids), reference) > 10 * LOGIT_TOLERANCE
+
+
+def test_gpt2_124m_shape_logits_match_transformers():
+    """The full GPT-2 (124M) shape at its own random init: 12 layers, 12 heads of 64, 1024
+    positions, the whole 50257-token vocabulary, 256 tokens."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nanogpt_jax.interop.convert import config_from_hf, from_state_dict
+    from nanogpt_jax.tokenizer import GPT2Tokenizer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    config = config_from_hf(model.config.to_dict(), "GPT2Config()")
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size) == (12, 12, 768, 1024)
+    converted = from_state_dict(
+        tensors, config, GPT2Tokenizer(), linear_layout="conv1d", source="GPT2Config()"
+    )
+    bundle = make_bundle(converted.config, converted.tokenizer, converted.params)
+    ids = np.random.default_rng(5).integers(0, 50257, (1, 256))
+    reference = torch_logits(model, ids)
+    error = assert_logits_close(bundle.logits(ids), reference)
+    print(
+        f"GPT-2 124M shape: max |logit diff| {max_abs_diff(bundle.logits(ids), reference):.1e}, "
+        f"max |logit| {np.abs(reference).max():.2f}, {error:.1e} of the logit scale"
+    )
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    """ckpt.pt is read with torch.load(weights_only=True): a file whose unpickling would call
+    a function is a one-line error, and the function never runs."""
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"model": Payload(), "model_args": {}}, evil / "ckpt.pt")
+    result = run_script("convert", f"--from={evil / 'ckpt.pt'}", f"--out_dir={tmp_path / 'out'}")
+    assert_one_line_error(result, "ckpt.pt", "not a readable PyTorch weights file")
+    sampled = run_script("sample", f"--init_from={evil}", "--max_new_tokens=2")
+    assert_one_line_error(sampled, "ckpt.pt")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # the control: unpickled without weights_only, the file does run its code
+    torch.load(evil / "ckpt.pt", weights_only=False)
+    assert marker.exists()
 
 
 def test_hub_layout_and_pytorch_bin_convert_identically(tmp_path):
@@ -69,7 +124,7 @@ def test_hub_layout_and_pytorch_bin_convert_identically(tmp_path):
     reference = torch_logits(model, ids)
     for converted in (from_hub, from_bin):
         bundle = make_bundle(converted.config, converted.tokenizer, converted.params)
-        assert max_abs_diff(bundle.logits(ids), reference) <= TOLERANCE
+        assert_logits_close(bundle.logits(ids), reference)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -84,9 +139,8 @@ def test_nanogpt_checkpoint_matches_torch(tmp_path, shakespeare_chars, bias):
     path = save_model(tmp_path / "out", converted.params, converted.config, converted.tokenizer)
     bundle = nanogpt_jax.load(path)
     ids = np.random.default_rng(2).integers(0, 96, (2, 48))
-    diff = max_abs_diff(bundle.logits(ids), torch_logits(torch_model, ids))
-    print(f"max |logit diff| vs torch nanoGPT (bias={bias}): {diff:.2e}")
-    assert diff <= TOLERANCE
+    error = assert_logits_close(bundle.logits(ids), torch_logits(torch_model, ids))
+    print(f"logit error vs torch nanoGPT (bias={bias}): {error:.2e} of the logit scale")
     assert bundle.tokenizer.decode(bundle.tokenizer.encode("ROMEO:")) == "ROMEO:"
 
 
@@ -187,7 +241,7 @@ def test_export_to_nanogpt_loads_in_its_model_and_back(char_checkpoint, tmp_path
     ours = nanogpt_jax.load(char_checkpoint)
     with torch.no_grad():
         theirs = model(torch.from_numpy(ids)).numpy()
-    assert max_abs_diff(ours.logits(ids), theirs) < 1e-5
+    assert_logits_close(ours.logits(ids), theirs)
     assert CharTokenizer.from_meta_pkl(out / "meta.pkl").itos == ours.tokenizer.itos
     back = nanogpt_jax.load(out)
     assert np.array_equal(np.asarray(back.logits(ids)), np.asarray(ours.logits(ids)))
@@ -212,7 +266,7 @@ def test_export_to_hf_loads_in_transformers(gpt2_checkpoint, tmp_path):
     ours = nanogpt_jax.load(path)
     with torch.no_grad():
         theirs = model(torch.from_numpy(ids)).logits.numpy()
-    assert max_abs_diff(ours.logits(ids), theirs) < 1e-5
+    assert_logits_close(ours.logits(ids), theirs)
     back = nanogpt_jax.load(out)
     assert np.array_equal(np.asarray(back.logits(ids)), np.asarray(ours.logits(ids)))
 
