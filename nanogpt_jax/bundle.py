@@ -99,7 +99,11 @@ def make_bundle(
 
 
 def load(
-    name_or_path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None
+    name_or_path: str | os.PathLike,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    verify: bool = False,
+    meta: str | None = None,
 ) -> ModelBundle:
     """Load a model by checkpoint path, preset name (gpt2 ... gpt2-xl) or built-in name.
 
@@ -108,23 +112,32 @@ def load(
     a nanoGPT ckpt.pt or the run directory holding it) are converted in memory at every load;
     scripts/convert.py saves that work. `dtype` is the compute dtype: float32, or bfloat16 for
     accelerators. With a `mesh` (see `nanogpt_jax.sharding.make_mesh`), each process reads only
-    the parts of the parameters its devices hold.
+    the parts of the parameters its devices hold. The checkpoint's files are checked against
+    the sizes recorded when they were written, and with `verify` against their SHA-256 too.
+    `meta` names a nanoGPT ckpt.pt's meta.pkl when it is not where nanoGPT's sample.py looks.
     """
-    config, tokenizer, params, info = read_model(resolve(str(name_or_path)), mesh)
+    path = resolve(str(name_or_path))
+    config, tokenizer, params, info = read_model(path, mesh, verify, meta)
     return make_bundle(config, tokenizer, params, dtype, info, mesh)
 
 
-def read_model(path: Path, mesh: Mesh | None = None) -> tuple[GPTConfig, Tokenizer, dict, dict]:
+def read_model(
+    path: Path, mesh: Mesh | None = None, verify: bool = False, meta: str | None = None
+) -> tuple[GPTConfig, Tokenizer, dict, dict]:
     """Config, tokenizer, parameter tree and info of a checkpoint directory, or of PyTorch
     weights (see `pytorch_weights`) converted in memory."""
     weights = pytorch_weights(path)
     if weights is None:
+        if meta:
+            raise UserError(f"--meta is for a nanoGPT ckpt.pt; {path} is a checkpoint directory")
         config, tokenizer, info = read_metadata(path)
-        return config, tokenizer, load_params(path, config, mesh), info
+        return config, tokenizer, load_params(path, config, mesh, verify), info
     from nanogpt_jax.interop.convert import convert
 
     print(f"converting {weights} (save it with scripts/convert.py to skip this)", file=sys.stderr)
-    converted = convert(str(weights))  # host arrays, placed by the caller
+    converted = convert(str(weights), meta)  # host arrays, placed by the caller
+    if converted.vocabulary:
+        print(f"vocabulary: {converted.vocabulary}", file=sys.stderr)
     return converted.config, converted.tokenizer, converted.params, {"source": converted.source}
 
 

@@ -3,13 +3,17 @@
 A checkpoint directory:
 
     DIR/nanogpt_jax.json   {"format": 1, "config": {...}, "tokenizer": {...}, "info": {...}}
-    DIR/params/            the parameter tree, saved by orbax.checkpoint.StandardCheckpointer
+    DIR/params/            the parameter tree, saved by orbax.checkpoint.StandardCheckpointer,
+                           with sha256sums.json: each file's size and digest (see integrity.py)
 
 A training run's `out_dir` holds the same JSON and an Orbax CheckpointManager directory
 `checkpoints/<step>/params`; `params_dir` finds the newest step there, so both load the same way.
 
-Writes are atomic: everything is written into a hidden sibling directory that is renamed into
-place only when complete, so an interrupted write never leaves a directory that loads.
+Writes are atomic: everything is written into a hidden sibling directory that takes the place
+of the destination only when complete (in one step where the system can swap two paths), so a
+write killed at any moment leaves the old checkpoint or the new one, never a mix; one that
+fails is a UserError and leaves the old one. Loading checks the files' recorded sizes first,
+their digests on request, then the array shapes against the config, before reading data.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from flax import nnx
 
 from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.integrity import check_files, record_files
 from nanogpt_jax.model import GPT
 from nanogpt_jax.tokenizer import Tokenizer, tokenizer_from_description
 
@@ -98,6 +105,7 @@ def save_model(
         staging.mkdir()
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, params)
+        record_files(staging / PARAMS_DIR)
         write_metadata(staging, metadata(config, tokenizer, info))
     return directory
 
@@ -110,19 +118,33 @@ def refuse_existing(directory: str | Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def replacing(target: Path):
-    """A hidden sibling path of `target` to write into (the block creates it): renamed to
-    `target`, replacing what was there, when the block ends without error; removed either way."""
+    """A hidden sibling path of `target` to write into (the block creates it): it takes the
+    place of `target` when the block ends without error, and is removed either way. Hidden
+    siblings that a killed writer left behind are removed after a successful replace."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         yield staging
         replace_directory(staging, target)
+    except UserError:
+        raise
+    except Exception as e:  # a full disk, a file-size limit: Orbax and torch raise many types
+        kept = "the previous one is unchanged" if target.exists() else "nothing was written"
+        raise UserError(f"{target}: writing failed, {kept} ({first_line_of(e)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for stale in target.parent.glob(f".{target.name}.*-*"):
+        if stale.name.split(".")[-1].startswith(("partial-", "old-")):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def replace_directory(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an old `target` is removed only after `new` is in place."""
+    """Move `new` to `target`. An existing `target` is swapped with `new` in one step where
+    the system can (Linux's renameat2 with RENAME_EXCHANGE), so at every instant `target` is
+    the old directory or the new one; `new` then holds the old one, for the caller to remove.
+    Elsewhere the old `target` is moved aside first (`.NAME.old-*`) and removed after."""
+    if target.exists() and exchange(new, target):
+        return
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -130,6 +152,20 @@ def replace_directory(new: Path, target: Path) -> None:
     os.rename(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically; False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def params_dir(directory: str | Path) -> Path:
@@ -152,18 +188,60 @@ def abstract_model(config: GPTConfig, dtype=jax.numpy.float32) -> GPT:
     return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), dtype=dtype))
 
 
+def check_params_files(path: Path, verify: bool) -> None:
+    """Sizes (and with `verify`, digests) of a params directory's files against the record
+    written with them: in the directory itself, or in a training step's directory above it."""
+    if not check_files(path, verify=verify):
+        check_files(path.parent, verify=verify, prefix=f"{path.name}/")
+
+
 def restore_params(path: str | Path, target: dict) -> dict:
     """Restore a parameter tree shaped like `target` (a tree of ShapeDtypeStructs or arrays)."""
     path = Path(path)
     abstract = jax.tree.map(on_default_device, target)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
+            check_stored_shapes(path, checkpointer.metadata(path.absolute()), abstract)
             return checkpointer.restore(path.absolute(), abstract)
+    except UserError:
+        raise
     except FileNotFoundError as e:
         raise UserError(f"{path}: missing checkpoint files ({e})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: checkpoint does not match the model ({first_line})") from None
+    except Exception as e:  # Orbax and TensorStore raise many types for unreadable data
+        raise UserError(f"{path}: damaged checkpoint ({first_line_of(e)})") from None
+
+
+def check_stored_shapes(path: Path, stored, target: dict) -> None:
+    """Compare the arrays Orbax recorded (its metadata file, no data read) with the model's."""
+    tree = getattr(stored, "item_metadata", stored)
+
+    def shapes(tree):
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {".".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in leaves}
+
+    on_disk, wanted = shapes(tree), shapes(target)
+    for name in sorted(wanted.keys() | on_disk.keys()):
+        if name not in on_disk:
+            raise UserError(f"{path}: checkpoint does not match the model (no {name} in it)")
+        if name not in wanted:
+            raise UserError(f"{path}: checkpoint does not match the model ({name} is extra)")
+        if on_disk[name] != wanted[name]:
+            raise UserError(
+                f"{path}: checkpoint does not match the model ({name} is {on_disk[name]} on "
+                f"disk, {wanted[name]} for its config)"
+            )
+
+
+def first_line_of(error: BaseException) -> str:
+    """The innermost cause's first line: TensorStore wraps the reason in generic errors, and
+    names an operating-system error by its number (a full disk: "No space left on device")."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    code = re.search(r"\[os_error_code='?(\d+)'?\]", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 def on_default_device(leaf) -> jax.ShapeDtypeStruct:
@@ -184,13 +262,16 @@ def default_device() -> jax.Device:
     return device if isinstance(device, jax.Device) else jax.devices()[0]
 
 
-def load_params(directory: str | Path, config: GPTConfig, mesh=None) -> dict:
+def load_params(directory: str | Path, config: GPTConfig, mesh=None, verify=False) -> dict:
     """The float32 parameter tree of a checkpoint or training directory. With a mesh, every
-    array is restored already split over its devices: a process reads only its parts."""
+    array is restored already split over its devices: a process reads only its parts. The
+    files' sizes are checked first, and with `verify` their digests."""
     skeleton = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
     if mesh is not None:
         skeleton = storage_shardings(skeleton, config, mesh)
-    return restore_params(params_dir(directory), skeleton)
+    path = params_dir(directory)
+    check_params_files(path, verify)
+    return restore_params(path, skeleton)
 
 
 def storage_shardings(skeleton: dict, config: GPTConfig, mesh) -> dict:

@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,16 @@ def isolated_cache_home(tmp_path_factory):
     yield home
 
 
-def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = None):
-    """Run scripts/<name>.py in a fresh process; returns the CompletedProcess."""
+def run_script(
+    name: str, *args: str, timeout: float = 600, env: dict | None = None, cwd: Path = REPO
+):
+    """Run scripts/<name>.py in a fresh process (from `cwd`); returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / f"{name}.py"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
     )
 
@@ -133,13 +136,64 @@ def write_hub_layout(model, directory: Path) -> Path:
     return directory
 
 
-def write_nanogpt_checkpoint(directory: Path, config, chars=None, seed=0, compiled=True):
-    """A nanoGPT-style ckpt.pt written from the torch reference model (keys prefixed with
-    torch.compile's `_orig_mod.`), plus a meta.pkl when `chars` is given. Returns the model."""
+# nanoGPT's train.py saves `config`: every int/float/bool/str setting at its top, here as
+# config/train_shakespeare_char.py leaves them (the model's shape is filled in per run)
+NANOGPT_TRAIN_CONFIG = dict(
+    out_dir="out-shakespeare-char",
+    eval_interval=250,
+    log_interval=10,
+    eval_iters=200,
+    eval_only=False,
+    always_save_checkpoint=False,
+    init_from="scratch",
+    wandb_log=False,
+    wandb_project="shakespeare-char",
+    wandb_run_name="mini-gpt",
+    dataset="shakespeare_char",
+    gradient_accumulation_steps=1,
+    batch_size=64,
+    learning_rate=1e-3,
+    max_iters=5000,
+    weight_decay=1e-1,
+    beta1=0.9,
+    beta2=0.99,
+    grad_clip=1.0,
+    decay_lr=True,
+    warmup_iters=100,
+    lr_decay_iters=5000,
+    min_lr=1e-4,
+    backend="nccl",
+    device="cuda",
+    dtype="bfloat16",
+    compile=True,
+)
+
+
+@dataclass
+class NanoGPTRun:
+    """A nanoGPT folder after `python data/shakespeare_char/prepare.py` and `python train.py
+    config/train_shakespeare_char.py`: ROOT/out-shakespeare-char/ckpt.pt alone, the
+    vocabulary in ROOT/data/shakespeare_char/meta.pkl (character models only)."""
+
+    root: Path
+    ckpt: Path
+    meta: Path | None
+    model: object  # the torch reference model the checkpoint holds
+
+    @property
+    def out_dir(self) -> Path:
+        return self.ckpt.parent
+
+
+def write_nanogpt_run(root: Path, config, chars=None, seed=0, compiled=True) -> NanoGPTRun:
+    """A nanoGPT run laid out as nanoGPT leaves it, its ckpt.pt saved as nanoGPT's train.py
+    saves it (keys prefixed with torch.compile's `_orig_mod.`, AdamW's state, the settings),
+    from the torch reference model with spread weights; meta.pkl when `chars` is given."""
     import torch
 
     from nanogpt_jax.interop.export import nanogpt_model_args
     from nanogpt_jax.interop.torch_reference import GPT as TorchGPT
+    from nanogpt_jax.tokenizer import write_meta_pkl
 
     torch.manual_seed(seed)
     model = TorchGPT(config).eval()
@@ -148,22 +202,26 @@ def write_nanogpt_checkpoint(directory: Path, config, chars=None, seed=0, compil
         for name, p in model.named_parameters():
             if name.endswith("bias") or "ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    model_args = nanogpt_model_args(config)
     prefix = "_orig_mod." if compiled else ""
-    state = {prefix + k: v for k, v in model.state_dict().items()}
-    checkpoint = dict(
-        model=state,
-        model_args=nanogpt_model_args(config),
-        iter_num=10,
-        best_val_loss=torch.tensor(2.5),
-        config=dict(dataset="shakespeare_char", learning_rate=1e-3),
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, directory / "ckpt.pt")
+    checkpoint = {
+        "model": {prefix + k: v for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "model_args": model_args,
+        "iter_num": 250,
+        "best_val_loss": torch.tensor(2.5),
+        "config": {**NANOGPT_TRAIN_CONFIG, **model_args, "dropout": 0.2},
+    }
+    out_dir = root / NANOGPT_TRAIN_CONFIG["out_dir"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out_dir / "ckpt.pt")
+    meta = None
     if chars is not None:
-        from nanogpt_jax.tokenizer import write_meta_pkl
-
-        write_meta_pkl(directory / "meta.pkl", chars)
-    return model
+        meta = root / "data" / NANOGPT_TRAIN_CONFIG["dataset"] / "meta.pkl"
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        write_meta_pkl(meta, chars)
+    return NanoGPTRun(root, out_dir / "ckpt.pt", meta, model)
 
 
 @pytest.fixture(scope="session")
@@ -172,18 +230,25 @@ def shakespeare_chars():
 
 
 @pytest.fixture(scope="session")
-def char_checkpoint(tmp_path_factory, shakespeare_chars):
-    """A converted random char-level model (65 symbols, block_size 32)."""
-    from nanogpt_jax.checkpoint import save_model
+def nanogpt_char_run(tmp_path_factory, shakespeare_chars) -> NanoGPTRun:
+    """A random char-level nanoGPT run (65 symbols, block_size 32) in nanoGPT's layout."""
     from nanogpt_jax.config import GPTConfig
-    from nanogpt_jax.interop.convert import convert
 
-    directory = tmp_path_factory.mktemp("char_ckpt")
     config = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=False)
     # seed 2: greedy samples wander over 17-21 symbols in 40 (the parity tests assert > 10)
-    write_nanogpt_checkpoint(directory / "torch", config, chars=shakespeare_chars, seed=2)
-    converted = convert(str(directory / "torch" / "ckpt.pt"))
-    return save_model(directory / "model", converted.params, converted.config, converted.tokenizer)
+    root = tmp_path_factory.mktemp("nanogpt")
+    return write_nanogpt_run(root, config, chars=shakespeare_chars, seed=2)
+
+
+@pytest.fixture(scope="session")
+def char_checkpoint(tmp_path_factory, nanogpt_char_run):
+    """That run converted into a nanogpt-jax checkpoint directory."""
+    from nanogpt_jax.checkpoint import save_model
+    from nanogpt_jax.interop.convert import convert
+
+    converted = convert(str(nanogpt_char_run.ckpt), meta=str(nanogpt_char_run.meta))
+    directory = tmp_path_factory.mktemp("char_ckpt") / "model"
+    return save_model(directory, converted.params, converted.config, converted.tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -35,9 +35,11 @@ def test_interrupted_write_leaves_nothing_that_loads(tmp_path, monkeypatch):
 def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = save_model(tmp_path / "ckpt", params(0), CONFIG, TOKENIZER)
     before = nanogpt_jax.load(path).logits([[1, 2, 3]])
-    monkeypatch.setattr(checkpoint, "write_metadata", lambda *a: (_ for _ in ()).throw(OSError))
-    with pytest.raises(OSError):
+    disk_full = OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "write_metadata", lambda *a: (_ for _ in ()).throw(disk_full))
+    with pytest.raises(UserError, match="writing failed, the previous one is unchanged"):
         save_model(path, params(1), CONFIG, TOKENIZER, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging left
     np.testing.assert_array_equal(nanogpt_jax.load(path).logits([[1, 2, 3]]), before)
 
 

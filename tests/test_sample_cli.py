@@ -3,6 +3,7 @@ streaming, the persistent compilation cache, and one-line errors."""
 
 import dataclasses
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import REPO, assert_one_line_error, run_script
 
 import nanogpt_jax
 from nanogpt_jax.commands.sample import SampleFlags
+from nanogpt_jax.tokenizer import CharTokenizer
 
 SEPARATOR = "---------------"
 
@@ -128,15 +130,55 @@ def test_streaming_prints_the_same_samples(char_checkpoint, tmp_path):
     assert streamed.stdout == plain.stdout
 
 
-def test_a_nanogpt_run_directory_samples_as_its_conversion_does(char_checkpoint):
-    """nanoGPT's `--out_dir=out-shakespeare-char` (ckpt.pt and meta.pkl) works unconverted."""
-    nanogpt_out_dir = char_checkpoint.parent / "torch"
-    flags = ["--start=ROMEO:", "--num_samples=2", "--max_new_tokens=20", "--seed=3"]
-    direct = run_script("sample", f"--out_dir={nanogpt_out_dir}", *flags)
-    converted = sample(char_checkpoint, *flags)
-    assert direct.returncode == 0, direct.stderr
-    assert "converting" in direct.stderr and "ckpt.pt" in direct.stderr
-    assert direct.stdout == converted.stdout
+def test_a_nanogpt_run_samples_from_its_own_folder_as_nanogpt_does(nanogpt_char_run):
+    """`python sample.py --out_dir=out-shakespeare-char` in nanoGPT's folder: ckpt.pt alone
+    in out_dir, the vocabulary found in data/shakespeare_char/meta.pkl as nanoGPT's sample.py
+    finds it. Greedy (top_k=1) past block_size, the text equals nanoGPT's generate on the same
+    weights (the PyTorch reference model)."""
+    import torch
+
+    run = nanogpt_char_run
+    assert sorted(p.name for p in run.out_dir.iterdir()) == ["ckpt.pt"]
+    flags = ["--start=ROMEO:", "--num_samples=1", "--max_new_tokens=60", "--top_k=1"]
+    result = run_script("sample", f"--out_dir={run.out_dir.name}", *flags, cwd=run.root)
+    assert result.returncode == 0, result.stderr
+    assert "vocabulary: data/shakespeare_char/meta.pkl (65 characters)" in result.stderr
+    tokenizer = CharTokenizer.from_meta_pkl(run.meta)
+    prompt = torch.tensor([tokenizer.encode("ROMEO:")])
+    # nanoGPT's sample.py defaults, top_k=1: multinomial over a single token
+    expected = tokenizer.decode(
+        run.model.generate(prompt, 60, temperature=0.8, top_k=1)[0].tolist()
+    )
+    assert len(set(expected[6:])) > 10  # past block_size=32, and wandering
+    assert result.stdout == f"{expected}\n{SEPARATOR}\n"
+
+
+def test_a_char_model_without_its_meta_pkl_names_the_files_looked_for(nanogpt_char_run, tmp_path):
+    shutil.copytree(nanogpt_char_run.out_dir, tmp_path / "out-shakespeare-char")
+    result = run_script("sample", "--out_dir=out-shakespeare-char", cwd=tmp_path)
+    assert_one_line_error(
+        result,
+        "needs its nanoGPT meta.pkl",
+        str(tmp_path / "data" / "shakespeare_char" / "meta.pkl"),
+        str(tmp_path / "out-shakespeare-char" / "meta.pkl"),
+        "--meta",
+    )
+    # --meta names it; a meta.pkl beside ckpt.pt (as some copies of a run have it) is found
+    flags = ["--num_samples=1", "--max_new_tokens=5", "--seed=2"]
+    named = run_script(
+        "sample",
+        "--out_dir=out-shakespeare-char",
+        f"--meta={nanogpt_char_run.meta}",
+        *flags,
+        cwd=tmp_path,
+    )
+    shutil.copy(nanogpt_char_run.meta, tmp_path / "out-shakespeare-char" / "meta.pkl")
+    beside = run_script("sample", "--out_dir=out-shakespeare-char", *flags, cwd=tmp_path)
+    assert named.returncode == beside.returncode == 0, named.stderr + beside.stderr
+    assert named.stdout == beside.stdout and "vocabulary:" in beside.stderr
+    (tmp_path / "out-shakespeare-char" / "meta.pkl").write_bytes(pickle.dumps([1, 2, 3]))
+    bad = run_script("sample", "--out_dir=out-shakespeare-char", *flags, cwd=tmp_path)
+    assert_one_line_error(bad, "meta.pkl", "not a nanoGPT meta.pkl")
 
 
 def test_prompt_from_file_and_long_prompts(char_checkpoint, tmp_path):

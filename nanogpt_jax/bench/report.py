@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+from nanogpt_jax.extras import require
+
 COLUMNS = (
     "impl",
     "devices",
@@ -94,9 +96,7 @@ def format_table(rows: list[dict]) -> str:
 def write_plot(out_dir: Path, report: dict) -> None:
     """throughput.png: tokens/s against batch size, one line per implementation (and per
     prompt/new-token setting when the grid has several)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "the benchmark's plot").use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if r.get("tok_s")]

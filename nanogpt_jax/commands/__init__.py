@@ -1,6 +1,7 @@
 """Command-line entry points. Each parses flags, wires library calls and prints: results on
 stdout, everything else (progress, timings, warnings, errors) on stderr."""
 
+import logging
 import os
 import re
 import sys
@@ -13,6 +14,12 @@ from nanogpt_jax.errors import UserError
 def run(main, argv=None) -> None:
     """Run `main(argv)`, turning bad input into a one-line error and exit status 2."""
     warnings.showwarning = _one_line_warning
+    # Orbax logs each failed background read or write, traceback and all, through absl, and
+    # its abandoned asyncio tasks through asyncio; the failure also reaches the caller as an
+    # exception, which ends here as one line
+    for logger in ("absl", "asyncio"):
+        logging.getLogger(logger).setLevel(logging.CRITICAL)
+    sys.unraisablehook = _quiet_closed_loops
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
@@ -33,6 +40,15 @@ def reserve_stdout_for_results() -> None:
     results = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = results
+
+
+def _quiet_closed_loops(unraisable, default_hook=sys.unraisablehook) -> None:
+    """Orbax's TensorStore callbacks still arriving for an asyncio loop that an aborted read
+    or write closed: noise after the one-line error that says what happened."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    default_hook(unraisable)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -67,6 +83,12 @@ def select_platform(device: str | None) -> None:
         devices = jax.devices()
     except RuntimeError as e:
         raise UserError(f"device {device!r} is not available here ({e})") from None
+    except AssertionError:  # what jax raises when no backend of that platform initialised
+        raise UserError(
+            f"device {device!r} is not available here (no {platform} backend: no such device, "
+            "or a jax without its plugin; `python -c 'import jax; print(jax.devices())'` lists "
+            "what there is)"
+        ) from None
     if index is not None:
         if int(index) >= len(devices):
             raise UserError(f"device {device!r}: there are {len(devices)} {platform} devices")

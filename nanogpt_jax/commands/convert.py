@@ -24,7 +24,7 @@ class ConvertFlags:
     )
     out_dir: str | None = flag(None, "the directory to write")
     to: str = flag("nanogpt-jax", "nanogpt-jax | nanogpt (ckpt.pt, meta.pkl) | hf (Hugging Face)")
-    meta: str | None = flag(None, "a nanoGPT meta.pkl (default: the one beside ckpt.pt, if any)")
+    meta: str | None = flag(None, "a nanoGPT meta.pkl (default: where nanoGPT's sample.py looks)")
     force: bool = flag(False, "replace an existing out_dir")
 
 
@@ -53,6 +53,8 @@ def main(argv: list[str]) -> None:
         print(export_model(flags.from_, flags.out_dir, flags.to, overwrite=flags.force))
         return
     converted = convert(flags.from_, flags.meta)
+    if converted.vocabulary:
+        print(f"vocabulary: {converted.vocabulary}", file=sys.stderr)
     path = save_model(
         flags.out_dir,
         converted.params,

@@ -46,6 +46,8 @@ class SampleFlags:
     dtype: str | None = flag(None, "float32 | bfloat16 | float16 (default: float32 on cpu)")
     compile: bool = flag(True, "accepted for nanoGPT command lines; a no-op, jax.jit compiles")
     mesh: str | None = flag(None, "e.g. data:4,model:2 over all devices (default: one device)")
+    verify: bool = flag(False, "check the checkpoint's SHA-256 digests before loading it")
+    meta: str | None = flag(None, "a nanoGPT ckpt.pt's meta.pkl (default: where nanoGPT looks)")
 
 
 USAGE = "usage: python scripts/sample.py [--key=value ...]"
@@ -70,7 +72,8 @@ def main(argv: list[str]) -> None:
     source = flags.out_dir if flags.init_from == "resume" else flags.init_from
     if flags.init_from == "resume" and not Path(source).is_dir():
         raise UserError(f"--init_from=resume: no checkpoint directory {source!r} (see --out_dir)")
-    bundle = load(source, dtype=dtype, mesh=make_mesh(flags.mesh) if flags.mesh else None)
+    mesh = make_mesh(flags.mesh) if flags.mesh else None
+    bundle = load(source, dtype=dtype, mesh=mesh, verify=flags.verify, meta=flags.meta)
     prompt = read_prompt(flags.start)
     options = dict(
         max_new_tokens=flags.max_new_tokens,

@@ -24,6 +24,7 @@ from flax import nnx
 from nanogpt_jax.checkpoint import abstract_model
 from nanogpt_jax.config import PRESETS, GPTConfig
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.extras import require
 from nanogpt_jax.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
 
 HUB_REPOS = {name: f"openai-community/{name}" for name in PRESETS}
@@ -43,6 +44,7 @@ class Converted:
     tokenizer: Tokenizer
     params: dict  # GPT's parameter tree, float32 numpy arrays
     source: str
+    vocabulary: str = ""  # for a nanoGPT ckpt.pt: which meta.pkl (or BPE) was used
 
 
 def convert(source: str, meta: str | None = None) -> Converted:
@@ -68,14 +70,9 @@ def convert(source: str, meta: str | None = None) -> Converted:
 
 
 def download_from_hub(name: str) -> Path:
+    hub = require("huggingface_hub", f"downloading {name}")
     try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(HUB_REPOS[name], "model.safetensors"))
-    except ImportError:
-        raise UserError(
-            "downloading needs huggingface_hub: pip install 'nanogpt-jax[convert]'"
-        ) from None
+        return Path(hub.hf_hub_download(HUB_REPOS[name], "model.safetensors"))
     except Exception as e:
         raise UserError(
             f"cannot download {HUB_REPOS[name]} from the Hugging Face hub "
@@ -150,26 +147,52 @@ def from_nanogpt_checkpoint(path: Path, meta: str | None) -> Converted:
     model_args.pop("dropout", None)  # a training setting; inference never drops out
     config = GPTConfig.from_dict({**model_args, "activation_function": "gelu"})
 
-    meta_path = Path(meta) if meta else path.parent / "meta.pkl"
-    if meta and not meta_path.is_file():
-        raise UserError(f"{meta_path}: no such file")
-    tokenizer = CharTokenizer.from_meta_pkl(meta_path) if meta_path.is_file() else GPT2Tokenizer()
+    tokenizer, vocabulary = nanogpt_vocabulary(path, checkpoint, config, meta)
+    state_dict = {k: to_numpy(v) for k, v in checkpoint["model"].items()}
+    converted = from_state_dict(
+        state_dict, config, tokenizer, linear_layout="linear", source=str(path)
+    )
+    converted.vocabulary = vocabulary
+    return converted
+
+
+def nanogpt_vocabulary(
+    path: Path, checkpoint: dict, config: GPTConfig, meta: str | None
+) -> tuple[Tokenizer, str]:
+    """A ckpt.pt's tokenizer, found where nanoGPT's sample.py finds it: data/<dataset>/meta.pkl
+    from the working directory (`dataset` from the checkpoint's config), then a meta.pkl beside
+    ckpt.pt; `meta` names the file instead. Without one, GPT-2's BPE, as in nanoGPT.
+    Returns the tokenizer and a line saying which vocabulary it is."""
+    if meta:
+        candidates = [Path(meta)]
+        if not candidates[0].is_file():
+            raise UserError(f"--meta: no such file {meta}")
+    else:
+        candidates = []
+        dataset = (checkpoint.get("config") or {}).get("dataset")
+        if isinstance(dataset, str) and dataset and Path(dataset).name == dataset:
+            candidates.append(Path("data") / dataset / "meta.pkl")
+        candidates.append(path.parent / "meta.pkl")
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        if config.vocab_size < GPT2Tokenizer.vocab_size:
+            looked = " and ".join(str(c.absolute()) for c in candidates)
+            raise UserError(
+                f"{path}: a {config.vocab_size}-token model needs its nanoGPT meta.pkl; looked "
+                f"for {looked}; pass --meta=PATH"
+            )
+        return GPT2Tokenizer(), "GPT-2 BPE (no meta.pkl at " + ", ".join(map(str, candidates)) + ")"
+    tokenizer = CharTokenizer.from_meta_pkl(found)
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(
-            f"{meta_path}: {tokenizer.vocab_size} characters but the model has only "
+            f"{found}: {tokenizer.vocab_size} characters but the model has only "
             f"{config.vocab_size} embeddings"
         )
-    state_dict = {k: to_numpy(v) for k, v in checkpoint["model"].items()}
-    return from_state_dict(state_dict, config, tokenizer, linear_layout="linear", source=str(path))
+    return tokenizer, f"{found} ({tokenizer.vocab_size} characters)"
 
 
 def torch_load(path: Path):
-    try:
-        import torch
-    except ImportError:
-        raise UserError(
-            f"reading {path.name} needs torch: pip install 'nanogpt-jax[convert]'"
-        ) from None
+    torch = require("torch", f"reading {path.name}")
     try:
         # weights_only: never unpickle arbitrary objects from a file we did not write
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -187,12 +210,7 @@ def to_numpy(tensor) -> np.ndarray:
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """Name -> float32 array, from a .safetensors file (no torch needed) or a torch .bin."""
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.numpy import load_file
-        except ImportError:
-            raise UserError(
-                "reading .safetensors needs: pip install 'nanogpt-jax[convert]'"
-            ) from None
+        load_file = require("safetensors.numpy", f"reading {path.name}").load_file
         try:
             tensors = load_file(path)
         except Exception as e:  # safetensors raises its own SafetensorError

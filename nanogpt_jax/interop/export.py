@@ -19,6 +19,7 @@ import jax
 from nanogpt_jax.checkpoint import refuse_existing, replacing
 from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.extras import require
 from nanogpt_jax.tokenizer import CharTokenizer, Tokenizer, write_meta_pkl
 
 FORMATS = ("nanogpt", "hf")
@@ -47,8 +48,7 @@ def export_model(source: str, destination: str | Path, to: str, overwrite: bool 
 
 def write_nanogpt(directory: Path, config: GPTConfig, tokenizer: Tokenizer, params, info):
     """ckpt.pt (+ meta.pkl) that nanoGPT's sample.py and train.py (init_from=resume) load."""
-    import torch
-
+    torch = require("torch", "writing nanoGPT's ckpt.pt")
     from nanogpt_jax.interop.torch_reference import state_dict_from_params
 
     if config.activation_function != "gelu":
@@ -87,6 +87,8 @@ def nanogpt_model_args(config: GPTConfig) -> dict:
 def write_hf(directory: Path, config: GPTConfig, tokenizer: Tokenizer, params, info):
     """A GPT-2 directory for `GPT2LMHeadModel.from_pretrained`, nanoGPT's padding rows of the
     vocabulary dropped; GPT-2's tokenizer is `GPT2TokenizerFast.from_pretrained("gpt2")`."""
+    for module in ("torch", "transformers", "safetensors"):
+        require(module, "writing a Hugging Face directory")
     from nanogpt_jax.interop.hf_model import to_hf
 
     model = to_hf(config, params, vocab_size=tokenizer.vocab_size)

@@ -25,6 +25,7 @@ class TrainConfig:
     eval_only: bool = flag(False, "evaluate once and exit")
     always_save_checkpoint: bool = flag(True, "False: out_dir serves the best-val params")
     init_from: str = flag("scratch", PRETRAINED_NOTE)
+    meta: str | None = flag(None, "a nanoGPT ckpt.pt's meta.pkl, for init_from=ckpt.pt")
     # Weights & Biases logging (wandb is imported only when wandb_log is True)
     wandb_log: bool = flag(False, "send each evaluation to Weights & Biases (pip install wandb)")
     wandb_project: str = flag("owt", "the wandb project")

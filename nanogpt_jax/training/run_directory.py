@@ -5,7 +5,8 @@
         params/                     the parameter tree (StandardCheckpointer layout)
         opt_state/                  AdamW moments and step count
         progress/                   JSON: iter, best_val_loss, elapsed_s, the run's settings
-        sha256sums.json             checksums of the files above, checked before resuming
+        sha256sums.json             sizes and checksums of the files above (integrity.py),
+                                    checked before resuming; the step before stays too
     out_dir/params/                 only with always_save_checkpoint=False: the best-val params,
                                     which `checkpoint.params_dir` prefers over the newest step
     out_dir/metrics.jsonl           one JSON object per evaluation
@@ -16,7 +17,6 @@ so an interrupted run leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -27,14 +27,15 @@ import orbax.checkpoint as ocp
 from nanogpt_jax.checkpoint import (
     PARAMS_DIR,
     TRAINING_DIR,
+    first_line_of,
     on_default_device,
     replacing,
     write_text_atomic,
 )
 from nanogpt_jax.errors import UserError
+from nanogpt_jax.integrity import check_files, record_files
 
 METRICS_FILE = "metrics.jsonl"
-DIGEST_FILE = "sha256sums.json"  # beside Orbax's items in each step directory
 
 
 class RunDirectory:
@@ -44,7 +45,11 @@ class RunDirectory:
         self.out_dir = Path(out_dir).absolute()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, enable_async_checkpointing=False
+            # the step before the newest stays, in case the newest is found damaged
+            max_to_keep=2,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,  # what a killed run left half-written
         )
         self.manager = ocp.CheckpointManager(self.out_dir / TRAINING_DIR, options=options)
 
@@ -61,18 +66,23 @@ class RunDirectory:
         return self.latest_step() is not None or (self.out_dir / PARAMS_DIR).exists()
 
     def save(self, step: int, params: dict, opt_state, progress: dict) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                progress=ocp.args.JsonSave(progress),
-            ),
-        )
-        self.manager.wait_until_finished()
-        step_dir = self.step_dir(step)
-        digests = json.dumps(file_digests(step_dir), indent=1)
-        write_text_atomic(step_dir / DIGEST_FILE, digests + "\n")
+        """A new step, committed by Orbax's rename: a failed write leaves the older ones."""
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    opt_state=ocp.args.StandardSave(opt_state),
+                    progress=ocp.args.JsonSave(progress),
+                ),
+            )
+            self.manager.wait_until_finished()
+            record_files(self.step_dir(step))
+        except Exception as e:  # a full disk, a file-size limit
+            kept = f"; {self.step_dir(self.latest_step())} is intact" if self.latest_step() else ""
+            raise UserError(
+                f"{self.step_dir(step)}: writing the checkpoint failed{kept} ({first_line_of(e)})"
+            ) from None
 
     def step_dir(self, step: int) -> Path:
         return self.out_dir / TRAINING_DIR / str(step)
@@ -82,7 +92,12 @@ class RunDirectory:
         step = self.latest_step()
         if step is None:
             raise UserError(f"{self.out_dir}: no checkpoint to resume from")
-        check_digests(self.step_dir(step))
+        try:
+            # a read that fails halfway leaves Orbax's other reads running, each printing a
+            # traceback: damage is found first (a step saved without a record is read as is)
+            check_files(self.step_dir(step), verify=True)
+        except UserError as e:
+            raise UserError(f"{e}{self.fallback_note(step)}") from None
         try:
             restored = self.manager.restore(
                 step,
@@ -101,15 +116,32 @@ class RunDirectory:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
                 f"{self.step_dir(step)}: cannot resume from this checkpoint "
-                f"({type(e).__name__}: {reason[:200]})"
+                f"({type(e).__name__}: {reason[:200]}){self.fallback_note(step)}"
             ) from None
         return restored["params"], restored["opt_state"], progress
 
+    def fallback_note(self, damaged: int) -> str:
+        """Where to resume from instead of a damaged step: the newest older step that is
+        intact, named so the user moves the damaged one away (nothing is deleted here)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if step >= damaged:
+                continue
+            try:
+                if check_files(self.step_dir(step), verify=True):
+                    return (
+                        f"; {self.step_dir(step)} (iteration {step}) is intact: move "
+                        f"{self.step_dir(damaged)} out of the way to resume from it"
+                    )
+            except UserError:
+                continue
+        return "; no earlier intact checkpoint"
+
     def save_best_params(self, params: dict) -> None:
         """out_dir/params, replaced atomically: the model that `load(out_dir)` serves."""
-        # the checkpointer closes (its writes complete) before the rename
-        with replacing(self.out_dir / PARAMS_DIR) as staging, ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(staging, params)
+        with replacing(self.out_dir / PARAMS_DIR) as staging:
+            with ocp.StandardCheckpointer() as checkpointer:  # closed: its writes complete
+                checkpointer.save(staging, params)
+            record_files(staging)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.out_dir / METRICS_FILE, "a") as f:
@@ -122,42 +154,6 @@ class RunDirectory:
             return
         kept = [line for line in path.read_text().splitlines() if iter_of(line) <= iter_num]
         write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def file_digests(directory: Path) -> dict[str, str]:
-    """SHA-256 of every file below `directory`, by relative path."""
-    return {
-        path.relative_to(directory).as_posix(): sha256_of(path)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != DIGEST_FILE
-    }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_digests(step_dir: Path) -> None:
-    """Find damaged files before Orbax reads them: a read that fails halfway leaves Orbax's
-    other reads running, and each of them prints a traceback of its own. A step without a
-    digest file (a crash right after Orbax committed it) is restored unchecked."""
-    path = step_dir / DIGEST_FILE
-    if not path.is_file():
-        return
-    try:
-        expected = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: damaged checksum file") from None
-    for name, digest in expected.items():
-        file = step_dir / name
-        if not file.is_file():
-            raise UserError(f"{step_dir}: damaged checkpoint, {name} is missing")
-        if sha256_of(file) != digest:
-            raise UserError(f"{step_dir}: damaged checkpoint, {name} has changed since saved")
 
 
 def iter_of(line: str) -> float:

@@ -85,7 +85,7 @@ def pretrained(config: TrainConfig, dataset: Dataset, log) -> Start:
     """Fine-tune a converted GPT-2, built-in model, checkpoint directory or PyTorch weights
     (nanoGPT's init_from=gpt2*): its shape and weights, this run's dropout, cropped to
     block_size."""
-    model_config, tokenizer, params, _ = read_model(resolve(config.init_from))
+    model_config, tokenizer, params, _ = read_model(resolve(config.init_from), meta=config.meta)
     check_tokenizer(dataset, tokenizer, config.init_from)
     note_model_shape(config, model_config, config.init_from, log)
     if config.block_size > model_config.block_size:

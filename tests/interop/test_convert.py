@@ -17,7 +17,7 @@ from conftest import (
     relative_logit_error,
     run_script,
     write_hub_layout,
-    write_nanogpt_checkpoint,
+    write_nanogpt_run,
 )
 
 import nanogpt_jax
@@ -130,8 +130,9 @@ def test_hub_layout_and_pytorch_bin_convert_identically(tmp_path):
 @pytest.mark.parametrize("bias", [True, False])
 def test_nanogpt_checkpoint_matches_torch(tmp_path, shakespeare_chars, bias):
     config = GPTConfig(block_size=48, vocab_size=96, n_layer=2, n_head=3, n_embd=48, bias=bias)
-    torch_model = write_nanogpt_checkpoint(tmp_path, config, chars=shakespeare_chars)
-    converted = convert(str(tmp_path / "ckpt.pt"))
+    run = write_nanogpt_run(tmp_path, config, chars=shakespeare_chars)
+    torch_model = run.model
+    converted = convert(str(run.ckpt), meta=str(run.meta))
     assert converted.config.bias is bias
     assert converted.config.activation_function == "gelu"  # nanoGPT trains with exact GELU
     assert isinstance(converted.tokenizer, CharTokenizer)
@@ -199,17 +200,19 @@ def test_untied_lm_head_is_refused(tmp_path):
 
 def test_convert_cli_writes_a_loadable_checkpoint(tmp_path, shakespeare_chars):
     config = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16)
-    write_nanogpt_checkpoint(tmp_path / "run", config, chars=shakespeare_chars)
+    run = write_nanogpt_run(tmp_path / "nanogpt", config, chars=shakespeare_chars)
+    # from nanoGPT's folder, as nanoGPT's sample.py runs: data/<dataset>/meta.pkl is found
     result = run_script(
-        "convert", f"--from={tmp_path / 'run' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'ckpt'}"
+        "convert", f"--from={run.ckpt}", f"--out_dir={tmp_path / 'ckpt'}", cwd=run.root
     )
     assert result.returncode == 0, result.stderr
+    assert "vocabulary: data/shakespeare_char/meta.pkl (65 characters)" in result.stderr
     assert result.stdout.strip() == str(tmp_path / "ckpt")
     bundle = nanogpt_jax.load(tmp_path / "ckpt")
     assert bundle.config.vocab_size == 65 and bundle.tokenizer.vocab_size == 65
 
     # the same conversion again replaces the checkpoint only when told to
-    again = [f"--from={tmp_path / 'run' / 'ckpt.pt'}", f"--out_dir={tmp_path / 'ckpt'}"]
+    again = [f"--from={run.ckpt}", f"--out_dir={tmp_path / 'ckpt'}", f"--meta={run.meta}"]
     assert_one_line_error(run_script("convert", *again), "--force")
     forced = run_script("convert", *again, "--force")
     assert forced.returncode == 0, forced.stderr
@@ -295,10 +298,8 @@ def test_convert_cli_bad_inputs(tmp_path, shakespeare_chars):
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
     config = GPTConfig(block_size=16, vocab_size=65, n_layer=1, n_head=2, n_embd=16)
-    write_nanogpt_checkpoint(tmp_path / "run", config, chars=shakespeare_chars)
-    refused = run_script(
-        "convert", f"--from={tmp_path / 'run' / 'ckpt.pt'}", f"--out_dir={existing}"
-    )
+    run = write_nanogpt_run(tmp_path / "nanogpt", config, chars=shakespeare_chars)
+    refused = run_script("convert", f"--from={run.ckpt}", f"--out_dir={existing}")
     assert_one_line_error(refused, "--force")
     assert (existing / "keep.txt").read_text() == "precious"
 

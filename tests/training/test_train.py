@@ -187,18 +187,16 @@ def test_fine_tune_a_converted_checkpoint(char_checkpoint, tmp_path, data_dir):
 
 
 def test_fine_tune_from_nanogpt_weights_equals_from_their_conversion(
-    char_checkpoint, tmp_path, data_dir
+    char_checkpoint, nanogpt_char_run, tmp_path, data_dir
 ):
     """init_from a nanoGPT ckpt.pt (converted in memory) takes the very same steps."""
+    run = nanogpt_char_run
     settings = dict(max_iters=3, eval_interval=3, dropout=0.0)
     runs = {
-        source: train(
-            tiny(tmp_path / name, data_dir, init_from=str(source), **settings),
-            log=lambda line: None,
-        )
+        name: train(tiny(tmp_path / name, data_dir, **source, **settings), log=lambda line: None)
         for name, source in [
-            ("converted", char_checkpoint),
-            ("nanogpt", char_checkpoint.parent / "torch" / "ckpt.pt"),
+            ("converted", dict(init_from=str(char_checkpoint))),
+            ("nanogpt", dict(init_from=str(run.ckpt), meta=str(run.meta))),
         ]
     }
     converted, nanogpt = runs.values()
