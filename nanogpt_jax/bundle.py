@@ -19,6 +19,7 @@ from nanogpt_jax.checkpoint import (
     abstract_model,
     load_params,
     read_metadata,
+    restore_interrupted_replace,
     save_model,
 )
 from nanogpt_jax.config import PRESETS, GPTConfig
@@ -177,6 +178,7 @@ def resolve(name_or_path: str) -> Path:
             )
         return path
     path = Path(name_or_path)
+    restore_interrupted_replace(path)
     if not path.exists():
         names = ", ".join([*BUILTIN_MODELS, *PRESETS])
         raise UserError(

@@ -122,6 +122,7 @@ def replacing(target: Path):
     place of `target` when the block ends without error, and is removed either way. Hidden
     siblings that a killed writer left behind are removed after a successful replace."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_replace(target)
     staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         yield staging
@@ -154,6 +155,16 @@ def replace_directory(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def restore_interrupted_replace(target: Path) -> None:
+    """Put back the old `target` that a writer moved aside and was killed before moving the
+    new one in (the two-rename fallback of `replace_directory`): it is the last complete copy."""
+    if target.exists():
+        return
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        os.rename(aside[-1], target)
+
+
 def exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically; False where the system or file system cannot."""
     if not sys.platform.startswith("linux"):
@@ -171,6 +182,7 @@ def exchange(a: Path, b: Path) -> bool:
 def params_dir(directory: str | Path) -> Path:
     """The Orbax params directory of a checkpoint, or of a training run's newest step."""
     directory = Path(directory)
+    restore_interrupted_replace(directory / PARAMS_DIR)  # a training run's best params
     if (directory / PARAMS_DIR).is_dir():
         return directory / PARAMS_DIR
     steps = sorted(

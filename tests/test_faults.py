@@ -179,6 +179,28 @@ def test_sigkill_during_convert_force_leaves_the_old_or_the_new_model(tmp_path, 
     np.testing.assert_array_equal(converted_logits(destination), expected[0])
 
 
+def test_the_two_rename_fallback_killed_between_renames_keeps_the_old_model(
+    checkpoint, tmp_path, monkeypatch, shakespeare_chars
+):
+    """Where the system cannot swap directories in one step, the old checkpoint is moved aside
+    before the new one moves in. A writer killed between the two renames leaves only the
+    aside copy (made here by hand: the window is microseconds wide); loading puts it back, and
+    the next write through the fallback replaces it."""
+    import nanogpt_jax.checkpoint as checkpoint_module
+
+    destination = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    before = converted_logits(destination)
+    destination.rename(tmp_path / ".ckpt.old-0badf00d")  # the first rename, then SIGKILL
+    (tmp_path / ".ckpt.partial-0badf00d").mkdir()  # the new copy, half written
+    np.testing.assert_array_equal(converted_logits(destination), before)
+
+    monkeypatch.setattr(checkpoint_module, "exchange", lambda a, b: False)
+    params = params_of(GPT(CONFIG, rngs=nnx.Rngs(1)))
+    save_model(destination, params, CONFIG, CharTokenizer(shakespeare_chars), overwrite=True)
+    assert not np.array_equal(converted_logits(destination), before)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def with_file_size_limit(limit: int, command: list[str]) -> list[str]:
     """`command` (python SCRIPT ARGS...) in an interpreter that may write no file past `limit`
     bytes, as on a disk that fills up (the limit is set in the child: no fork of this
