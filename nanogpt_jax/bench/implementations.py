@@ -5,10 +5,16 @@
     jax-nocache    this project's model, nanoGPT's algorithm (see `nanogpt_jax.bench.nocache`)
     torch-nanogpt  nanoGPT's model and `generate` in PyTorch, eager (no cache)
     torch-compile  the same under `torch.compile`
-    hf             Hugging Face `GPT2LMHeadModel.generate`, KV cache
+    torch-fast     gpt-fast's recipe on nanoGPT's model: static KV cache, compiled one-token
+                   step, CUDA graphs on a GPU (see `nanogpt_jax.bench.torch_fast`)
+    hf             Hugging Face `GPT2LMHeadModel.generate`, its dynamic KV cache, eager
+    hf-static      the same with its static cache, compiled (CUDA graphs) on a GPU; on a CPU,
+                   where transformers does not compile by itself, the faster of eager and
+                   forced compilation, measured on the first shape (`variant` says which)
 
-Every one decodes greedily and returns exactly `num_new` tokens per row as a numpy array, so
-reading the result also waits for the device.
+Every one decodes greedily, or draws as nanoGPT's sample.py does (`sampling` = temperature,
+top_k), and returns exactly `num_new` tokens per row as a numpy array, so reading the result
+also waits for the device.
 """
 
 from __future__ import annotations
@@ -22,9 +28,37 @@ import numpy as np
 from nanogpt_jax.bundle import ModelBundle
 from nanogpt_jax.config import GPTConfig
 
-ALL_IMPLS = ("jax", "jax-nocache", "torch-nanogpt", "torch-compile", "hf")
-DEFAULT_IMPLS = ("jax", "jax-nocache", "torch-nanogpt", "hf")
-NEEDS = {"torch-nanogpt": ("torch",), "torch-compile": ("torch",), "hf": ("torch", "transformers")}
+ALL_IMPLS = (
+    "jax",
+    "jax-nocache",
+    "torch-nanogpt",
+    "torch-compile",
+    "torch-fast",
+    "hf",
+    "hf-static",
+)
+DEFAULT_IMPLS = ("jax", "jax-nocache", "torch-nanogpt", "torch-fast", "hf", "hf-static")
+NEEDS = {
+    "torch-nanogpt": ("torch",),
+    "torch-compile": ("torch",),
+    "torch-fast": ("torch",),
+    "hf": ("torch", "transformers"),
+    "hf-static": ("torch", "transformers"),
+}
+PYTORCH_IMPLS = ("torch-nanogpt", "torch-compile", "torch-fast", "hf", "hf-static")
+# Ways torch-fast may run its step on a CPU: Inductor's options, or None for eager PyTorch.
+# scripts/torch_fast_settings.py times each; docs/benchmarks.md records what they gave.
+TORCH_CPU_VARIANTS = {
+    "eager": None,
+    "compiled": {},
+    "freezing": {"freezing": True},
+    "max-autotune": {"max_autotune": True},
+    "cpp-wrapper": {"cpp_wrapper": True},
+    "freezing+cpp-wrapper": {"freezing": True, "cpp_wrapper": True},
+}
+# the ones the benchmark tries by default, keeping the fastest per shape
+TORCH_CPU_CANDIDATES = ("eager", "freezing", "cpp-wrapper")
+GREEDY = (0.0, None)  # (temperature, top_k)
 
 
 def available(name: str) -> bool:
@@ -41,9 +75,11 @@ class Implementation:
     recomputes: bool = False
     compile_seconds: float | None = None
     devices: int = 1
+    sampling: tuple = GREEDY  # (temperature, top_k): 0 is greedy
+    variant: str | None = None  # which of its ways of running it measured fastest
 
     def generate(self, prompts: np.ndarray, num_new: int) -> np.ndarray:
-        """Greedy continuations (B, num_new) of prompts (B, P)."""
+        """Continuations (B, num_new) of prompts (B, P), drawn as `sampling` says."""
         raise NotImplementedError
 
     def reset_peak(self) -> None:
@@ -100,8 +136,13 @@ class JaxEngine(JaxMemory, Implementation):
 
     def generate(self, prompts, num_new):
         known = set(self.programs())
+        temperature, top_k = self.sampling
         result = self.bundle.generate(
-            prompts, max_new_tokens=num_new, temperature=0.0, batch_size=len(prompts)
+            prompts,
+            max_new_tokens=num_new,
+            temperature=temperature,
+            top_k=top_k,
+            batch_size=len(prompts),
         )
         self.compile_seconds += result.compile_seconds
         new = [program for key, program in self.programs().items() if key not in known]
@@ -122,23 +163,24 @@ class JaxRecompute(JaxMemory, Implementation):
         self.sizes = {}
 
     def generate(self, prompts, num_new):
-        from nanogpt_jax.bench.nocache import generate_greedy
+        from nanogpt_jax.bench.nocache import generate_nocache
+        from nanogpt_jax.sampling import SamplingParams
 
+        vocab_size = self.bundle.tokenizer.vocab_size
+        temperature, top_k = self.sampling
+        sampling = SamplingParams.create(temperature, top_k, vocab_size=vocab_size)
         prompts = jnp.asarray(prompts, jnp.int32)
-        key = (prompts.shape, num_new)
+        key = (prompts.shape, num_new, self.sampling)
+        args = (self.bundle.params, prompts, sampling, 0)
         if key not in self.programs:
             began = time.perf_counter()
-            lowered = generate_greedy.lower(
-                self.bundle.graphdef,
-                self.bundle.params,
-                prompts,
-                num_new=num_new,
-                vocab_size=self.bundle.tokenizer.vocab_size,
+            lowered = generate_nocache.lower(
+                self.bundle.graphdef, *args, num_new=num_new, vocab_size=vocab_size
             )
             self.programs[key] = lowered.compile()
             self.compile_seconds += time.perf_counter() - began
-            self.remember(key, [self.programs[key]])
-        return np.asarray(self.programs[key](self.bundle.params, prompts))
+            self.remember(key[:2], [self.programs[key]])
+        return np.asarray(self.programs[key](*args))
 
 
 class TorchMemory:
@@ -188,10 +230,70 @@ class TorchNanoGPT(TorchMemory, Implementation):
         from nanogpt_jax.interop.torch_reference import GPT
 
         idx = torch.from_numpy(np.asarray(prompts, np.int64)).to(self.device)
+        temperature, top_k = self.sampling
         with torch.inference_mode():
             # called on the (possibly compiled) module, so its forward is the compiled one
-            out = GPT.generate(self.module, idx, num_new, temperature=0, vocab_size=self.vocab_size)
+            out = GPT.generate(
+                self.module, idx, num_new, temperature, top_k, vocab_size=self.vocab_size
+            )
         return out[:, prompts.shape[1] :].cpu().numpy()
+
+
+class FastestVariant:
+    """An implementation with several ways to run on a CPU (`candidates`): for each new prompt
+    shape, each way is timed warm on a few decode steps and the fastest is kept (`variant`
+    names it; on CUDA there is one way, and no choice)."""
+
+    candidates: tuple[str, ...]
+    chosen: dict
+    block_size: int
+    TRIAL_TOKENS = 32
+
+    def generate(self, prompts, num_new):
+        if self.candidates:
+            self.variant = self.fastest(prompts)
+        return self.run(prompts, num_new)
+
+    def fastest(self, prompts) -> str:
+        chosen = self.chosen  # prompt shape -> variant
+        if prompts.shape not in chosen:
+            trial = min(self.TRIAL_TOKENS, self.block_size - prompts.shape[1])
+            timings = {}
+            for variant in self.candidates:
+                self.variant = variant
+                self.run(prompts, trial)  # warm-up: compiles
+                began = time.perf_counter()
+                self.run(prompts, trial)
+                timings[variant] = time.perf_counter() - began
+            chosen[prompts.shape] = min(timings, key=timings.get)
+        return chosen[prompts.shape]
+
+
+class TorchFast(FastestVariant, TorchMemory, Implementation):
+    name, compiles = "torch-fast", True
+
+    def __init__(self, model, device: str, vocab_size: int, cpu_variants: tuple[str, ...]):
+        self.model, self.device, self.vocab_size = model, device, vocab_size
+        self.block_size = model.config.block_size
+        self.decoders = {}
+        self.compile_seconds = 0.0
+        # CUDA graphs on a GPU; on a CPU compiled or eager, whichever runs faster here
+        self.variant = "cuda-graphs" if device == "cuda" else None
+        self.candidates, self.chosen = () if device == "cuda" else cpu_variants, {}
+
+    def run(self, prompts, num_new):
+        from nanogpt_jax.bench.torch_fast import StaticCacheDecoder
+
+        if self.variant not in self.decoders:
+            options = {} if self.device == "cuda" else TORCH_CPU_VARIANTS[self.variant]
+            self.decoders[self.variant] = StaticCacheDecoder(
+                self.model, self.device, self.vocab_size, options
+            )
+        decoder = self.decoders[self.variant]
+        before = decoder.compile_seconds
+        tokens = decoder.generate(prompts, num_new, *self.sampling)
+        self.compile_seconds += decoder.compile_seconds - before
+        return tokens
 
 
 class HuggingFace(TorchMemory, Implementation):
@@ -201,22 +303,60 @@ class HuggingFace(TorchMemory, Implementation):
         self.model = model
         self.device = device
 
+    def options(self) -> dict:
+        """generate()'s arguments beyond the prompt: what selects the cache and compilation."""
+        return {}
+
     def generate(self, prompts, num_new):
         import torch
 
+        temperature, top_k = self.sampling
+        drawn = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=1.0)
         idx = torch.from_numpy(np.asarray(prompts, np.int64)).to(self.device)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=idx,
                 attention_mask=torch.ones_like(idx),
                 max_new_tokens=num_new,
-                do_sample=False,
                 use_cache=True,
+                **(dict(do_sample=False) if temperature == 0 else drawn),
+                **self.options(),
             )
         new = out[:, prompts.shape[1] :].cpu().numpy()
         if new.shape[1] != num_new:
-            raise RuntimeError(f"hf generate returned {new.shape[1]} tokens, not {num_new}")
+            raise RuntimeError(
+                f"{self.name} generate returned {new.shape[1]} tokens, not {num_new}"
+            )
         return new
+
+
+class HuggingFaceStatic(FastestVariant, HuggingFace):
+    """Hugging Face's fast path: a static cache and a compiled forward (CUDA graphs on CUDA).
+    On a CPU transformers compiles only when told to (`_compile_all_devices`), so eager and
+    compiled both run on each prompt shape and the faster is kept."""
+
+    name, compiles = "hf-static", True
+
+    def __init__(self, model, device: str):
+        super().__init__(model, device)
+        self.block_size = model.config.n_positions
+        self.variant = "cuda-graphs" if device == "cuda" else None
+        self.candidates, self.chosen = () if device == "cuda" else ("eager", "compiled"), {}
+
+    def options(self) -> dict:
+        from transformers import CompileConfig
+
+        options = dict(cache_implementation="static")
+        if self.variant == "eager":
+            return options | dict(disable_compile=True)
+        config = CompileConfig(
+            fullgraph=True, mode="reduce-overhead" if self.device == "cuda" else "default"
+        )
+        config._compile_all_devices = True  # transformers' own switch for compiling off CUDA
+        return options | dict(compile_config=config)
+
+    def run(self, prompts, num_new):
+        return HuggingFace.generate(self, prompts, num_new)
 
 
 def torch_model(config: GPTConfig, params: dict, device: str, dtype: str):
@@ -240,10 +380,12 @@ def build(
     device: str,
     dtype: str,
     mesh=None,
+    torch_cpu_variants: tuple[str, ...] = ("eager",),
 ) -> dict[str, Implementation]:
     """The named implementations; `bundle` computes in `dtype`, `params` are float32 on host.
 
-    device: "cpu" or "cuda" (torch's name). mesh: where `jax-mesh` runs.
+    device: "cpu" or "cuda" (torch's name). mesh: where `jax-mesh` runs. torch_cpu_variants:
+    the ways torch-fast may run on a CPU (TORCH_CPU_VARIANTS).
     """
     from nanogpt_jax.bundle import make_bundle
 
@@ -260,13 +402,17 @@ def build(
         elif name in ("torch-nanogpt", "torch-compile"):
             model = torch_model(bundle.config, params, device, dtype)
             impls[name] = TorchNanoGPT(model, device, vocab_size, name == "torch-compile")
-        elif name == "hf":
+        elif name == "torch-fast":
+            model = torch_model(bundle.config, params, device, dtype)
+            impls[name] = TorchFast(model, device, vocab_size, torch_cpu_variants)
+        elif name in ("hf", "hf-static"):
             import torch
 
             from nanogpt_jax.interop.hf_model import to_hf
 
             model = to_hf(bundle.config, params, vocab_size)
-            impls[name] = HuggingFace(model.to(device=device, dtype=getattr(torch, dtype)), device)
+            model = model.to(device=device, dtype=getattr(torch, dtype))
+            impls[name] = (HuggingFace if name == "hf" else HuggingFaceStatic)(model, device)
         else:
             raise ValueError(f"unknown implementation {name!r}")
     return impls

@@ -2,8 +2,7 @@
 whole (cropped) context through the model again.
 
 A benchmark baseline that holds the weights, jit and XLA's fusion equal, so that comparing it
-with the cached engine measures the algorithm alone. Greedy only: the benchmark's timed runs
-are greedy for every implementation.
+with the cached engine measures the algorithm alone; it draws with the engine's sampler.
 
 Buffer: the context sits right-aligned against the next free slot, behind PAD empty slots, so
 that a window of any width ending at the newest token is a plain slice.
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanogpt_jax.sampling import next_power_of_two
+from nanogpt_jax.sampling import SamplingParams, next_power_of_two, sample
 
 MIN_WIDTH = 16
 
@@ -52,12 +51,19 @@ def window_plan(prompt_len: int, num_new: int, block_size: int) -> list[tuple[in
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("num_new", "vocab_size"))
-def generate_greedy(graphdef, params, prompt, *, num_new: int, vocab_size: int):
-    """Greedy continuation (B, num_new) of prompts (B, P), recomputing the context each step.
+def generate_nocache(
+    graphdef, params, prompt, sampling: SamplingParams, seed, *, num_new: int, vocab_size: int
+):
+    """Continuation (B, num_new) of prompts (B, P), recomputing the context each step.
 
-    vocab_size: ids of a padded embedding at or beyond it are never chosen.
+    sampling: greedy or a draw (the engine's sampler); row b's key at step t is
+    fold_in(fold_in(key(seed), b), t). vocab_size: ids of a padded embedding at or beyond it
+    are never chosen.
     """
     model = nnx.merge(graphdef, params)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        jax.random.key(seed), jnp.arange(prompt.shape[0])
+    )
     B, P = prompt.shape
     plan = window_plan(P, num_new, model.config.block_size)
     pad = max(width for _, _, width in plan)
@@ -72,7 +78,8 @@ def generate_greedy(graphdef, params, prompt, *, num_new: int, vocab_size: int):
             start = jnp.full((B,), jnp.maximum(width - context, 0))  # first real slot
             positions = jnp.maximum(jnp.arange(width)[None, :] - start[:, None], 0)  # (B, W)
             logits, _ = model(window, positions, start=start, last_only=True)  # (B, 1, V)
-            token = jnp.argmax(logits[:, -1, :vocab_size], axis=-1).astype(jnp.int32)  # (B,)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
+            token = sample(logits[:, -1, :vocab_size], keys, sampling)  # (B,)
             return jax.lax.dynamic_update_slice(tokens, token[:, None], (0, pad + context))
 
         tokens = jax.lax.fori_loop(first, end, step, tokens)

@@ -70,6 +70,14 @@ class Settings:
     strict: bool = True  # stop before timing when implementations disagree
     mesh: str | None = None  # e.g. data:4,model:2: also time `jax-mesh` on that many devices
     profile: bool = False  # trace one more run of each cell: where a step's time goes
+    sampling: str = "greedy"  # greedy | nanogpt (temperature 0.8, top_k 200) | both
+    torch_cpu_variants: tuple[str, ...] = (
+        bench_impls.TORCH_CPU_CANDIDATES
+    )  # torch-fast's ways to run on a CPU
+
+
+# How the timed runs draw: greedy, or nanoGPT's sample.py defaults
+SAMPLING_MODES = {"greedy": (0.0, None), "nanogpt": (0.8, 200)}
 
 
 class IdTokenizer:
@@ -97,6 +105,11 @@ def validate(settings: Settings) -> None:
 
     if settings.repeats < 1 or settings.check_steps < 1:
         raise UserError("repeats and check_steps must be positive")
+    variants = bench_impls.TORCH_CPU_VARIANTS
+    if not settings.torch_cpu_variants or set(settings.torch_cpu_variants) - set(variants):
+        raise UserError(f"torch_cpu_variants: choose from {', '.join(variants)}")
+    if settings.sampling not in (*SAMPLING_MODES, "both"):
+        raise UserError(f"sampling must be greedy, nanogpt or both, got {settings.sampling!r}")
     if settings.dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
     if settings.max_seconds is not None and settings.max_seconds <= 0:
@@ -182,7 +195,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
         "model": settings.model,
         "source": source,
         "config": config.to_dict(),
-        "sampling": "greedy (temperature 0) for every implementation",
+        "sampling": {m: SAMPLING_MODES[m] for m in sampling_modes(settings)},
         "settings": dataclasses.asdict(settings),
         "hardware": {},
         "agreement": {},
@@ -207,12 +220,19 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
     bundle = make_bundle(config, tokenizer, params, settings.dtype)
     mesh = bench_mesh(settings.mesh) if settings.mesh else None
     impls = bench_impls.build(
-        settings.impls, bundle, params, torch_device(settings), settings.dtype, mesh
+        settings.impls,
+        bundle,
+        params,
+        torch_device(settings),
+        settings.dtype,
+        mesh,
+        settings.torch_cpu_variants,
     )
     weight_bytes = weights_read_per_step(bundle)
     itemsize = jax.numpy.dtype(bundle.dtype).itemsize
     cells = [
-        (b, p, n)
+        (mode, b, p, n)
+        for mode in sampling_modes(settings)
         for p in settings.prompt_lens
         for n in settings.new_tokens
         for b in settings.batch_sizes
@@ -220,7 +240,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
     tqdm = require("tqdm", "the benchmark").tqdm
 
     progress = tqdm(total=len(cells) * len(impls), file=sys.stderr, unit="run")
-    for batch, prompt_len, num_new in cells:
+    for mode, batch, prompt_len, num_new in cells:
         prompts = rng.integers(0, tokenizer.vocab_size, (batch, prompt_len))
         reference = None
         cost = bench_hardware.decode_step_cost(
@@ -228,23 +248,34 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
         )
         floor_ms = 1e3 * bench_hardware.floor_seconds(cost, hardware)
         for name, impl in impls.items():
-            progress.set_description(f"{name} B={batch} P={prompt_len} N={num_new}")
-            row = dict(impl=name, batch_size=batch, prompt_len=prompt_len, new_tokens=num_new)
-            row["devices"] = impl.devices
-            row |= time_runs(impl, prompts, num_new, settings)
+            progress.set_description(f"{name} {mode} B={batch} P={prompt_len} N={num_new}")
+            row = dict(impl=name, sampling=mode, batch_size=batch, prompt_len=prompt_len)
+            row |= dict(new_tokens=num_new, devices=impl.devices)
+            impl.sampling = SAMPLING_MODES[mode]
+            try:
+                row |= time_runs(impl, prompts, num_new, settings)
+            except Exception as e:  # a graph break, an unsupported device: say so, go on
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                log(f"{name} failed on B={batch} P={prompt_len}: {row['error']}")
+            row["variant"] = impl.variant
             # other processes' load distorts timings, the more so on few cores: keep it on record
             row["load_avg"] = os.getloadavg()[0]
             tokens = row.pop("tokens", None)
-            reference = tokens if reference is None else reference
-            row["agree"] = report["agreement"]["impls"][name]["agree"]
-            row["agree_steps"] = agreeing_steps(reference, tokens)  # vs the first, timed dtype
+            if mode == "greedy":  # the same tokens as the first implementation, step by step
+                reference = tokens if reference is None else reference
+                row["agree"] = report["agreement"]["impls"][name]["agree"]
+                row["agree_steps"] = agreeing_steps(reference, tokens)  # vs the first, timed dtype
+            elif tokens is not None:  # a draw: only shapes and ids can be checked
+                in_range = tokens.min() >= 0 and tokens.max() < tokenizer.vocab_size
+                row["valid_ids"] = bool(tokens.shape == (batch, num_new) and in_range)
             row["floor_ms_per_token"] = floor_ms
             ms = row.get("ms_per_token")
             row["fraction_of_floor"] = floor_ms / ms if ms else None
             row["scaling_efficiency"] = scaling_efficiency(row, report["results"])
             report["results"].append(row)
+            report["headline"] = headline(report["results"])
             bench_report.write_results(out_dir, report)
-            if settings.profile and not row.get("skipped"):  # the timings are on disk first
+            if settings.profile and row.get("tok_s"):  # the timings are on disk first
                 progress.set_description(f"tracing {name} B={batch} P={prompt_len} N={num_new}")
                 row |= profile_cell(impl, prompts, num_new, out_dir, settings.dtype)
                 bench_report.write_results(out_dir, report)
@@ -291,7 +322,13 @@ def check_agreement(settings: Settings, config, tokenizer, params, prompts) -> d
     bundle = make_bundle(config, tokenizer, params, "float32")
     mesh = bench_mesh(settings.mesh) if settings.mesh else None
     impls = bench_impls.build(
-        settings.impls, bundle, params, torch_device(settings), "float32", mesh
+        settings.impls,
+        bundle,
+        params,
+        torch_device(settings),
+        "float32",
+        mesh,
+        settings.torch_cpu_variants[:1],  # one way suffices to check the tokens
     )
     outputs = {}
     with jax.default_matmul_precision("highest"):
@@ -316,15 +353,45 @@ def check_agreement(settings: Settings, config, tokenizer, params, prompts) -> d
     }
 
 
+def sampling_modes(settings: Settings) -> list[str]:
+    return list(SAMPLING_MODES) if settings.sampling == "both" else [settings.sampling]
+
+
+def headline(rows: list[dict]) -> list[dict]:
+    """Per cell: jax's tokens/s over the fastest PyTorch implementation's, and which it was."""
+    cells: dict[tuple, dict] = {}
+    for row in rows:
+        if not row.get("tok_s"):
+            continue
+        cell = (row["sampling"], row["batch_size"], row["prompt_len"], row["new_tokens"])
+        entry = cells.setdefault(cell, {})
+        faster = row["tok_s"] > entry.get("best_pytorch_tok_s", 0.0)
+        if row["impl"] == "jax":
+            entry["jax_tok_s"] = row["tok_s"]
+        elif row["impl"] in bench_impls.PYTORCH_IMPLS and faster:
+            entry["best_pytorch"], entry["best_pytorch_tok_s"] = row["impl"], row["tok_s"]
+    out = []
+    for (mode, batch, prompt_len, num_new), entry in cells.items():
+        if "jax_tok_s" in entry and "best_pytorch" in entry:
+            ratio = entry["jax_tok_s"] / entry["best_pytorch_tok_s"]
+            out.append(
+                dict(sampling=mode, batch_size=batch, prompt_len=prompt_len, new_tokens=num_new)
+                | entry
+                | {"jax_over_best_pytorch": ratio}
+            )
+    return out
+
+
 def scaling_efficiency(row: dict, earlier: list[dict]) -> float | None:
     """A multi-device row's tokens/s over N times the single-device `jax` row of its cell."""
     if row.get("devices", 1) == 1 or not row.get("tok_s"):
         return None
-    cell = (row["batch_size"], row["prompt_len"], row["new_tokens"])
+
+    def cell(r):
+        return (r.get("sampling"), r["batch_size"], r["prompt_len"], r["new_tokens"])
+
     for other in earlier:
-        if other["impl"] == "jax" and (
-            (other["batch_size"], other["prompt_len"], other["new_tokens"]) == cell
-        ):
+        if other["impl"] == "jax" and cell(other) == cell(row):
             return row["tok_s"] / (row["devices"] * other["tok_s"]) if other.get("tok_s") else None
     return None
 

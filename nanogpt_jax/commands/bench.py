@@ -29,11 +29,15 @@ class BenchFlags:
     )
     batch_sizes: str = flag("1,8", "comma list; every combination of the three lists is run")
     prompt_len: str = flag("16", "comma list of prompt lengths, in tokens")
+    prompt_lens: str | None = flag(None, "the same as --prompt_len (e.g. 16,512)")
     new_tokens: str = flag("256", "comma list of generated lengths, in tokens")
     repeats: int = flag(3, "timed runs per cell, after the warm-ups")
     impls: str | None = flag(
-        None, "jax,jax-nocache,torch-nanogpt,torch-compile,hf (default: all but torch-compile)"
+        None,
+        "jax,jax-nocache,torch-nanogpt,torch-compile,torch-fast,hf,hf-static "
+        "(default: all but torch-compile)",
     )
+    sampling: str = flag("greedy", "greedy | nanogpt (temperature 0.8, top_k 200) | both")
     device: str = flag("cpu", "cpu | gpu")
     dtype: str | None = flag(
         None, "float32 | bfloat16 | float16 (default: float32 on cpu, else bf16)"
@@ -49,6 +53,11 @@ class BenchFlags:
         None, "e.g. data:8 or data:4,model:2: adds jax-mesh on that many devices, with scaling"
     )
     profile: bool = flag(False, "trace one more run of each cell: DIR/profile-*.txt")
+    torch_cpu_variants: str = flag(
+        "eager,freezing,cpp-wrapper",
+        "ways torch-fast may run on a CPU, the fastest kept per shape: eager, compiled, "
+        "freezing, max-autotune, cpp-wrapper, freezing+cpp-wrapper",
+    )
 
 
 USAGE = "usage: python scripts/bench.py [--model=gpt2] [--batch_sizes=1,8] [--key=value ...]"
@@ -82,7 +91,10 @@ def main(argv: list[str]) -> None:
     settings = Settings(
         model=flags.model,
         batch_sizes=int_list("batch_sizes", flags.batch_sizes),
-        prompt_lens=int_list("prompt_len", flags.prompt_len),
+        prompt_lens=int_list(
+            "prompt_lens" if flags.prompt_lens else "prompt_len",
+            flags.prompt_lens or flags.prompt_len,
+        ),
         new_tokens=int_list("new_tokens", flags.new_tokens),
         repeats=flags.repeats,
         impls=impl_list(flags.impls, bench_impls),
@@ -94,6 +106,8 @@ def main(argv: list[str]) -> None:
         max_seconds=flags.max_seconds,
         strict=flags.strict,
         profile=flags.profile,
+        sampling=flags.sampling,
+        torch_cpu_variants=tuple(flags.torch_cpu_variants.split(",")),
     )
     if flags.mesh is not None:
         # the mesh's tokens/s are compared with the engine's on one device
@@ -103,8 +117,10 @@ def main(argv: list[str]) -> None:
     report = run_benchmark(settings, flags.out)
     out = Path(flags.out)
     print(f"{report['source']}, {settings.dtype}, {report['hardware'].get('cpu', '')}")
-    print(bench_report.format_table(report["results"]))
+    print(bench_report.format_table(report["results"], report.get("headline", [])))
     for line in bench_report.speedups(report["results"]):
+        print(line)
+    for line in bench_report.headline_lines(report.get("headline", [])):
         print(line)
     print(f"agree: {report['agree']}  (results in {out}/results.json, .csv, throughput.png)")
     if not report["agree"]:

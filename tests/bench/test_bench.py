@@ -18,9 +18,10 @@ from conftest import (
 )
 from flax import nnx
 
-from nanogpt_jax.bench.nocache import generate_greedy, window_plan
+from nanogpt_jax.bench.nocache import generate_nocache, window_plan
 from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.interop.torch_reference import from_params
+from nanogpt_jax.sampling import SamplingParams
 
 CPU_IMPLS = "jax,jax-nocache,torch-nanogpt,hf"
 
@@ -124,13 +125,27 @@ def test_recompute_matches_nanogpt_generate(prompt_len, num_new):
     model, params = spread_model(config, scale=SMALL_VOCAB_SPREAD)
     prompts = np.random.default_rng(0).integers(0, 300, (3, prompt_len))
     graphdef, state = nnx.split(model)
-    ours = generate_greedy(
-        graphdef, state, jax.numpy.asarray(prompts), num_new=num_new, vocab_size=300
-    )
+
+    def nocache(**sampling):
+        tokens = generate_nocache(
+            graphdef,
+            state,
+            jax.numpy.asarray(prompts),
+            SamplingParams.create(**sampling),
+            seed=4,
+            num_new=num_new,
+            vocab_size=300,
+        )
+        return np.asarray(tokens)
+
+    ours = nocache(temperature=0.0)
     theirs = from_params(config, params).generate(torch.from_numpy(prompts), num_new, temperature=0)
-    np.testing.assert_array_equal(np.asarray(ours), theirs[:, prompt_len:].numpy())
+    np.testing.assert_array_equal(ours, theirs[:, prompt_len:].numpy())
     if num_new >= 30:  # the continuation wanders: a decoder mixing up positions shows
-        assert all(distinct_new(row, 0) > 10 for row in np.asarray(ours))
+        assert all(distinct_new(row, 0) > 10 for row in ours)
+        # it draws too, with the engine's sampler: top_k=1 is greedy, a plain draw is not
+        np.testing.assert_array_equal(nocache(temperature=1.0, top_k=1), ours)
+        assert not np.array_equal(nocache(temperature=1.0), ours)
 
 
 def test_window_plan_covers_every_step_once():
@@ -169,3 +184,62 @@ def test_hf_export_logits_match(bias, activation):
         theirs = hf(torch.from_numpy(ids)).logits.numpy()
     assert_logits_close(ours, theirs)
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied
+
+
+def test_the_headline_picks_the_fastest_pytorch_row():
+    from nanogpt_jax.bench.run import headline
+
+    def row(impl, tok_s, sampling="greedy", batch=1):
+        return dict(impl=impl, tok_s=tok_s, sampling=sampling, batch_size=batch)
+
+    cell = dict(prompt_len=16, new_tokens=256)
+    rows = [
+        row("jax", 100.0),
+        row("jax-nocache", 500.0),  # JAX, not PyTorch: never the yardstick
+        row("torch-nanogpt", 20.0),
+        row("torch-fast", 80.0),
+        row("hf", 40.0),
+        row("hf-static", None),  # failed: no tokens/s
+        row("jax", 30.0, sampling="nanogpt"),
+        row("hf-static", 60.0, sampling="nanogpt"),
+        row("torch-fast", 50.0, sampling="nanogpt"),
+        row("jax", 10.0, batch=8),  # a cell without PyTorch rows has no headline
+    ]
+    lines = headline([r | cell for r in rows])
+    assert [(h["sampling"], h["best_pytorch"], h["jax_over_best_pytorch"]) for h in lines] == [
+        ("greedy", "torch-fast", 100.0 / 80.0),
+        ("nanogpt", "hf-static", 30.0 / 60.0),
+    ]
+
+
+def test_bench_races_torch_fast_and_hf_static_sampled_too(tmp_path):
+    out = tmp_path / "bench"
+    result = run_script(
+        "bench",
+        "--model=tiny",
+        "--batch_sizes=1",
+        "--prompt_lens=8",
+        "--new_tokens=4",
+        "--repeats=1",
+        "--check_steps=8",
+        "--impls=jax,torch-fast,hf-static",
+        "--sampling=both",
+        "--torch_cpu_variants=eager,compiled",  # the default's Inductor options compile longer
+        f"--out={out}",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "results.json").read_text())
+    impls = ("jax", "torch-fast", "hf-static")
+    rows = {(r["impl"], r["sampling"]): r for r in report["results"]}
+    assert set(rows) == {(i, s) for i in impls for s in ("greedy", "nanogpt")}
+    assert all(r["tok_s"] > 0 and r["compile_s"] > 0 for r in rows.values()), rows
+    assert rows[("torch-fast", "greedy")]["agree_steps"] == 4  # the engine's tokens
+    assert all(rows[(i, "nanogpt")]["valid_ids"] for i in impls)
+    assert rows[("hf-static", "greedy")]["variant"] in ("eager", "compiled")
+    assert rows[("torch-fast", "nanogpt")]["variant"] in ("eager", "compiled")
+    assert {h["sampling"] for h in report["headline"]} == {"greedy", "nanogpt"}
+    assert "jax / best PyTorch (" in result.stdout
+    with open(out / "results.csv") as f:
+        jax_rows = [r for r in csv.DictReader(f) if r["impl"] == "jax"]
+    assert all(r["best_pytorch"] in ("torch-fast", "hf-static") for r in jax_rows)
