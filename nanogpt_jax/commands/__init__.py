@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -44,9 +45,13 @@ def reserve_stdout_for_results() -> None:
 
 def _quiet_closed_loops(unraisable, default_hook=sys.unraisablehook) -> None:
     """Orbax's TensorStore callbacks still arriving for an asyncio loop that an aborted read
-    or write closed: noise after the one-line error that says what happened."""
+    or write closed, and its read coroutines collected with the failure they already raised:
+    noise after (or before) the one-line error that says what happened."""
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    if any("/orbax/" in frame.filename for frame in frames):
         return
     default_hook(unraisable)
 

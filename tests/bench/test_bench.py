@@ -233,7 +233,10 @@ def test_bench_races_torch_fast_and_hf_static_sampled_too(tmp_path):
     impls = ("jax", "torch-fast", "hf-static")
     rows = {(r["impl"], r["sampling"]): r for r in report["results"]}
     assert set(rows) == {(i, s) for i in impls for s in ("greedy", "nanogpt")}
-    assert all(r["tok_s"] > 0 and r["compile_s"] > 0 for r in rows.values()), rows
+    assert all(r["tok_s"] > 0 for r in rows.values()), rows
+    assert rows[("jax", "greedy")]["compile_s"] > 0
+    for impl in ("torch-fast", "hf-static"):  # reported like the engine's (0 when eager won)
+        assert all(isinstance(rows[(impl, s)]["compile_s"], float) for s in ("greedy", "nanogpt"))
     assert rows[("torch-fast", "greedy")]["agree_steps"] == 4  # the engine's tokens
     assert all(rows[(i, "nanogpt")]["valid_ids"] for i in impls)
     assert rows[("hf-static", "greedy")]["variant"] in ("eager", "compiled")

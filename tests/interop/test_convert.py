@@ -309,7 +309,11 @@ def test_convert_cli_bad_inputs(tmp_path, shakespeare_chars):
 
 
 def test_preset_download_fails_clearly_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read once at import: an earlier test may have imported it already
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="Hugging Face hub"):
         convert("gpt2")
 
