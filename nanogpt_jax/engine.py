@@ -1,12 +1,35 @@
-"""The decode engine: prefill prompts into a KV cache, then draw tokens in one jitted scan.
+"""The decode engine: prompts into a KV cache, then tokens drawn in one jitted loop.
 
 Everything here is a pure function of (graphdef, params, inputs), compiled ahead of time per
-shape by `Engine`; `nanogpt_jax.generate` drives it from the host.
+shape by `Engine`; `nanogpt_jax.generate` (one batch of requests) and `nanogpt_jax.serve`
+(requests that come and go) drive it from the host.
+
+A decode state is a fixed set of rows. Each row carries its own length, key stream, step
+count and sampling settings, so rows that began at different times decode together:
+
+    prefill  prompts (n, P) right-padded -> their keys/values, next-token logits
+    start    n prefilled rows -> a new state (one batch, all rows begin together)
+    insert   one prefilled row -> slot s of a running state (a server's new request)
+    decode   every row draws K tokens: [draw -> write -> one-token model step] x K
+
+    slot:     0    1    2    3    4    5    6    7    8
+    row 0:    a    b    c    d  | <- its next token goes here (lengths[0] = 4)
+    row 1:    e    f  | <- inserted later, at its own position 2
+    row 2:    g    h    i    j    k    l    m  |     (lengths[2] = 7)
 
 Context past block_size: the model sees only the last block_size tokens with positions
 0..block_size-1, exactly as nanoGPT's `generate` crops. Positions then shift with every new
-token, so no cached key or value stays valid: each such step recomputes the whole window
-(a block_size-token forward pass per token, nanoGPT's cost) instead of a one-token cached step.
+token, so no cached key or value of that row stays valid: such a row's logits come from the
+whole window (a block_size-token forward pass per token, nanoGPT's cost).
+
+Batch invariance: a row's logits depend only on its own tokens, never on the other rows or the
+cache size, so a seeded sample is the same text alone or among others. XLA:CPU sums a product
+of one row in another order than a product of several, and hands large reductions to a library
+that sums in yet another order; so reductions stay in XLA's own loops (CPU_COMPILER_OPTIONS),
+and the server runs every program with at least MIN_ROWS rows. A batch of one row keeps the
+one-row kernels, twice as fast at batch 1: its logits match a batched row's to about 1e-6 of
+their scale, not bit for bit. tests/test_batch_invariance.py checks both. On a GPU it holds
+only as far as its kernels are batch-invariant.
 """
 
 from __future__ import annotations
@@ -30,132 +53,281 @@ from nanogpt_jax.sharding import batch_sharding, cache_sharding, global_array
 if TYPE_CHECKING:  # the bundle holds an Engine; the engine only reads the bundle's fields
     from nanogpt_jax.bundle import ModelBundle
 
-FILL = -1  # token buffer slots not written yet, or written after a row stopped
+FILL = -1  # no token: not drawn yet, or drawn after a row stopped
 STEPS_BETWEEN_CHECKS = 16  # decode steps between two looks at whether every row is done
+MIN_ROWS = 2  # rows of every server program: see "Batch invariance" above
+# XLA:CPU hands large reductions and elementwise fusions to YNNPACK, which sums in another
+# order than XLA's own loops, so a row's layer norms and softmaxes would depend on how many
+# rows share its batch: only lone matrix products go to the library (see "Batch invariance")
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefilled:
+    """Prompts run through the model: what their rows need to start decoding."""
+
+    logits: jax.Array  # (n, V) float32: next-token logits after each prompt
+    k: list[jax.Array]  # n_layer x (n*H, P, D) or (n, H, P, D): the prompts' keys
+    v: list[jax.Array]  # n_layer x (n*H, P, D) or (n, H, P, D)
+    lengths: jax.Array  # (n,) int32: real prompt tokens of each row
+    tokens: jax.Array  # (n, P) int32: the right-padded prompts
+    # with prompt_logprobs=L: log-probability of each prompt token after the ones before it
+    # (n, P) (position 0 has none), and the L likeliest ids there with theirs, (n, P, L)
+    token_logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    """The scan carry: what changes from one new token to the next."""
+    """The loop's carry: what changes from one new token to the next, for every row."""
 
     logits: jax.Array  # (B, V) float32: next-token logits of each row
-    cache: KVCache  # keys/values of the P prompt slots and the new tokens
-    tokens: jax.Array  # (B, P + N) int32: left-padded prompts, then new tokens (FILL: none yet)
-    done: jax.Array  # (B,) bool: row stopped (stop token, or max_new_tokens reached)
+    cache: KVCache  # keys/values; cache.lengths (B,) tokens of each row so far
+    history: jax.Array  # (B, W) int32: each row's last W tokens (W = block_size when a row
+    #                     can outgrow it, for the window recompute; else W = 0)
+    keys: jax.Array  # (B,) PRNG keys: row r of a request draws from fold_in(key(seed), r)
+    step: jax.Array  # (B,) int32: tokens drawn by the row so far
+    max_new: jax.Array  # (B,) int32: tokens the row may draw
+    sampling: SamplingParams  # (B,) settings per row
+    done: jax.Array  # (B,) bool: row stopped (stop token, max_new reached) or is empty
     bad_logits: jax.Array  # (B,) bool: a row saw NaN or infinite logits
-    step: jax.Array  # () int32: new tokens drawn so far
 
 
-def prompt_positions(start, length):
-    """(B, T) positions of slots 0..length-1 for rows whose real tokens begin at `start`."""
-    return jnp.maximum(jnp.arange(length)[None, :] - start[:, None], 0)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Emitted:
+    """What one decode call drew, K steps of it (FILL: no token)."""
+
+    tokens: jax.Array  # (B, K) int32
+    logprobs: jax.Array  # (B, K) float32: the model's log-probability of each token
+    top_ids: jax.Array  # (B, K, L) int32: the L likeliest ids at each step (L may be 0)
+    top_logprobs: jax.Array  # (B, K, L) float32
 
 
-def prefill(graphdef, params, tokens, start, *, num_new_slots: int, cache_sharding) -> DecodeState:
-    """Run the left-padded prompts (B, P) through the model, filling a fresh cache.
+def log_probabilities(logits, vocab_size: int):
+    """The model's own log-probabilities over the real vocabulary (before any filter)."""
+    return jax.nn.log_softmax(logits[..., :vocab_size].astype(jnp.float32), axis=-1)
 
-    cache_sharding: None on one device; on a mesh, where the (B, H, S, D) cache lives.
+
+def prefill(
+    graphdef, params, tokens, lengths, *, cache_sharding, prompt_logprobs: int, vocab_size: int
+) -> Prefilled:
+    """Run right-padded prompts (n, P) through the model into a cache of exactly P slots, so
+    that a row's numbers depend on its own prompt and bucket only.
+
+    cache_sharding: None on one device; on a mesh, where the (n, H, P, D) cache lives.
+    prompt_logprobs: L > 0 also scores every prompt token (for a server's echo).
     """
     model = nnx.merge(graphdef, params)
-    B, P = tokens.shape
-    # slots for the prompt, plus one per new token while the context still fits block_size
-    num_slots = P + min(num_new_slots, model.config.block_size)
-    cache = init_cache(
-        model.config, B, num_slots, start, model.dtype, fold_heads=cache_sharding is None
-    )
+    n, P = tokens.shape
+    cache = init_cache(model.config, n, P, model.dtype, fold_heads=cache_sharding is None)
     if cache_sharding is not None:
         cache = dataclasses.replace(
             cache,
             k=[jax.lax.with_sharding_constraint(k, cache_sharding) for k in cache.k],
             v=[jax.lax.with_sharding_constraint(v, cache_sharding) for v in cache.v],
         )
-    logits, cache = model(tokens, prompt_positions(start, P), cache, last_only=True)
-    buffer = jnp.full((B, P + num_new_slots), FILL, jnp.int32).at[:, :P].set(tokens)
-    return DecodeState(
-        logits=logits[:, -1],
-        cache=cache,
-        tokens=buffer,
-        done=jnp.zeros((B,), bool),
-        bad_logits=jnp.zeros((B,), bool),
-        step=jnp.zeros((), jnp.int32),
+    # padding after a prompt sits at the prompt's last position: no position a prompt does
+    # not reach is ever computed (masked slots are multiplied by zero, and 0 * NaN is NaN)
+    positions = jnp.minimum(jnp.arange(P)[None, :], (lengths - 1)[:, None])
+    if prompt_logprobs:
+        logits, cache = model(tokens, positions, cache)  # (n, P, V)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        scores = log_probabilities(logits[:, :-1], vocab_size)  # (n, P-1, V): of tokens 1..P-1
+        chosen = jnp.take_along_axis(scores, tokens[:, 1:, None], axis=-1)[..., 0]
+        top_logprobs, top_ids = jax.lax.top_k(scores, prompt_logprobs)
+        pad = lambda x: jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        token_logprobs, top_ids, top_logprobs = pad(chosen), pad(top_ids), pad(top_logprobs)
+    else:
+        logits, cache = model(tokens, positions, cache, last=lengths - 1)
+        last = logits[:, 0]
+        token_logprobs = jnp.zeros((n, 0), jnp.float32)
+        top_ids, top_logprobs = jnp.zeros((n, 0, 0), jnp.int32), jnp.zeros((n, 0, 0))
+    return Prefilled(
+        logits=last,
+        k=cache.k,
+        v=cache.v,
+        lengths=lengths,
+        tokens=tokens,
+        token_logprobs=token_logprobs,
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
     )
+
+
+def start(
+    prefilled: Prefilled, keys, sampling: SamplingParams, max_new, *, num_slots: int, window: int
+) -> DecodeState:
+    """A new decode state whose rows are the prefilled prompts, all beginning now.
+
+    keys: (n,) each row's key stream. num_slots: cache slots per row. window: W of `history`.
+    """
+    n, P = prefilled.tokens.shape
+    pad_slots = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, num_slots - P), (0, 0)])  # noqa: E731
+    history = prefilled.tokens[:, :window]
+    history = jnp.pad(history, [(0, 0), (0, window - history.shape[1])])
+    return DecodeState(
+        logits=prefilled.logits,
+        cache=KVCache(
+            k=[pad_slots(k) for k in prefilled.k],
+            v=[pad_slots(v) for v in prefilled.v],
+            lengths=prefilled.lengths,
+        ),
+        history=history,
+        keys=keys,
+        step=jnp.zeros((n,), jnp.int32),
+        max_new=max_new,
+        sampling=sampling,
+        done=jnp.zeros((n,), bool),
+        bad_logits=jnp.zeros((n,), bool),
+    )
+
+
+def empty_state(
+    config, batch_size: int, num_slots: int, window: int, vocab_size: int, dtype, fold_heads=True
+) -> DecodeState:
+    """A state of `batch_size` empty rows (done, drawing nothing) for rows to be inserted."""
+    B = batch_size
+    return DecodeState(
+        logits=jnp.zeros((B, config.vocab_size), jnp.float32),
+        cache=init_cache(config, B, num_slots, dtype, fold_heads),
+        history=jnp.zeros((B, window), jnp.int32),
+        keys=jax.vmap(jax.random.key)(jnp.zeros((B,), jnp.uint32)),
+        step=jnp.zeros((B,), jnp.int32),
+        max_new=jnp.zeros((B,), jnp.int32),
+        sampling=SamplingParams.create(vocab_size=vocab_size).for_rows(B),
+        done=jnp.ones((B,), bool),
+        bad_logits=jnp.zeros((B,), bool),
+    )
+
+
+def insert(
+    state: DecodeState, prefilled: Prefilled, row, slot, key, sampling: SamplingParams, max_new
+) -> DecodeState:
+    """Row `row` of `prefilled` into slot `slot` of a running state, the other rows untouched.
+
+    key: its key stream. sampling: its settings (scalars). The slot's cache is overwritten
+    from slot 0 up to the prompt bucket; what lies beyond is past the row's length, unseen.
+    """
+    H = state.cache.k[0].shape[0] // state.done.shape[0] if state.cache.k[0].ndim == 3 else 1
+
+    def put(buffer, rows):  # rows of this prefilled row -> the slot's rows of buffer
+        if buffer.ndim == 3:  # (B*H, S, D): a row is H consecutive rows
+            part = jax.lax.dynamic_slice_in_dim(rows, row * H, H, 0)
+            return jax.lax.dynamic_update_slice(buffer, part, (slot * H, 0, 0))
+        part = jax.lax.dynamic_slice_in_dim(rows, row, 1, 0)
+        return jax.lax.dynamic_update_slice(buffer, part, (slot, 0, 0, 0))
+
+    def set_row(array, value):
+        return array.at[slot].set(value)
+
+    window = state.history.shape[1]
+    history = prefilled.tokens[row, :window]
+    history = jnp.pad(history, (0, window - history.shape[0]))
+    return DecodeState(
+        logits=set_row(state.logits, prefilled.logits[row]),
+        cache=KVCache(
+            k=[put(b, r) for b, r in zip(state.cache.k, prefilled.k, strict=True)],
+            v=[put(b, r) for b, r in zip(state.cache.v, prefilled.v, strict=True)],
+            lengths=set_row(state.cache.lengths, prefilled.lengths[row]),
+        ),
+        history=set_row(state.history, history),
+        keys=set_row(state.keys, key),
+        step=set_row(state.step, 0),
+        max_new=set_row(state.max_new, max_new),
+        sampling=dataclasses.replace(
+            state.sampling,
+            temperature=set_row(state.sampling.temperature, sampling.temperature),
+            top_k=set_row(state.sampling.top_k, sampling.top_k),
+            top_p=set_row(state.sampling.top_p, sampling.top_p),
+            min_p=set_row(state.sampling.min_p, sampling.min_p),
+        ),
+        done=set_row(state.done, False),
+        bad_logits=set_row(state.bad_logits, False),
+    )
+
+
+def release(state: DecodeState, free) -> DecodeState:
+    """Rows where `free` (B,) is set stop drawing: a stop string seen, a client gone."""
+    return dataclasses.replace(state, done=state.done | free)
 
 
 def decode(
     graphdef,
     params,
     state: DecodeState,
-    seed,
-    row_ids,
-    sampling: SamplingParams,
-    num_new,
     stop_ids,
     *,
-    prompt_slots: int,
     num_steps: int,
     vocab_size: int,
-) -> DecodeState:
-    """Draw `num_steps` more tokens for every row (rows that are done only repeat FILL), or
-    fewer once every row is done. num_steps: a power of two, so groups of steps divide it.
+    logprobs: int,
+) -> tuple[DecodeState, Emitted]:
+    """Draw up to `num_steps` more tokens for every row (rows that are done only give FILL),
+    stopping early once every row is done. num_steps: a power of two.
 
-    seed: () root of the randomness. row_ids: (B,) each row's index in the request, which
-    selects its key stream. num_new: () tokens wanted per row.
     stop_ids: (K,) ids that end a row. vocab_size: the tokenizer's; ids of a padded embedding
-    beyond it are never drawn.
+    beyond it are never drawn. logprobs: L > 0 also returns each token's log-probability and
+    the L likeliest alternatives.
     """
     model = nnx.merge(graphdef, params)
     block_size = model.config.block_size
-    # row i's stream: fold_in(root, i); its key at step t: fold_in(stream, t)
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids)
-    prompt_lengths = prompt_slots - state.cache.start  # (B,) real prompt tokens per row
+    B, window = state.history.shape
 
-    def cached_forward(token, state: DecodeState) -> DecodeState:
-        slot = prompt_slots + state.step - 1  # == state.cache.index
-        positions = (slot - state.cache.start)[:, None]  # (B, 1)
-        logits, cache = model(token[:, None], positions, state.cache)
-        return dataclasses.replace(state, logits=logits[:, -1], cache=cache)
-
-    def window_forward(token, state: DecodeState) -> DecodeState:
-        # the last block_size tokens of each row, positions starting at 0 (nanoGPT's crop)
-        end = prompt_slots + state.step
-        window = jax.lax.dynamic_slice_in_dim(state.tokens, end - block_size, block_size, 1)
-        start = jnp.maximum(state.cache.start - (end - block_size), 0)  # (B,)
-        window = jnp.maximum(window, 0)  # stopped rows hold FILL; their logits are unused
-        logits, _ = model(window, prompt_positions(start, block_size), start=start, last_only=True)
-        return dataclasses.replace(state, logits=logits[:, -1])
-
-    def draw(state: DecodeState) -> tuple[jax.Array, DecodeState]:
-        """Each row's next token, drawn from its logits and written into the buffer."""
-        # this row's stream, this step: fold_in(fold_in(root, row), step)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, state.step)
-        drawn = sample(state.logits[:, :vocab_size], keys, sampling)
+    def draw(state: DecodeState, out: Emitted, i) -> tuple[jax.Array, DecodeState, Emitted]:
+        """Each row's next token, from its logits and its key stream at its step."""
+        # row r's stream, its t-th token: fold_in(fold_in(key(seed), r), t)
+        keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
+        drawn = sample(state.logits[:, :vocab_size], keys, state.sampling)
         token = jnp.where(state.done, FILL, drawn)  # (B,)
         bad = ~state.done & ~jnp.all(jnp.isfinite(state.logits), axis=-1)
-        done = state.done | jnp.isin(token, stop_ids) | (state.step + 1 >= num_new)
-        state = DecodeState(
-            logits=state.logits,
-            cache=state.cache,
-            tokens=jax.lax.dynamic_update_slice(
-                state.tokens, token[:, None], (0, prompt_slots + state.step)
-            ),
+        done = state.done | jnp.isin(token, stop_ids) | (state.step + 1 >= state.max_new)
+        write = lambda buffer, value: jax.lax.dynamic_update_index_in_dim(buffer, value, i, 1)  # noqa: E731
+        out = dataclasses.replace(out, tokens=write(out.tokens, token))
+        if logprobs:
+            scores = log_probabilities(state.logits, vocab_size)  # (B, V)
+            chosen = jnp.take_along_axis(scores, jnp.maximum(token, 0)[:, None], axis=-1)[:, 0]
+            top_logprobs, top_ids = jax.lax.top_k(scores, logprobs)  # (B, L)
+            out = Emitted(
+                tokens=out.tokens,
+                logprobs=write(out.logprobs, chosen),
+                top_ids=write(out.top_ids, top_ids),
+                top_logprobs=write(out.top_logprobs, top_logprobs),
+            )
+        history = state.history
+        if window:  # the newest token at the row's end; a full window slides left by one
+            length = state.cache.lengths  # tokens before this one
+            slid = jnp.concatenate([history[:, 1:], token[:, None]], axis=1)
+            placed = history.at[jnp.arange(B), jnp.minimum(length, window - 1)].set(token)
+            history = jnp.where((length < window)[:, None], placed, slid)
+            history = jnp.where(state.done[:, None], state.history, history)
+        state = dataclasses.replace(
+            state,
+            history=history,
+            step=state.step + 1,
             done=done,
             bad_logits=state.bad_logits | bad,
-            step=state.step + 1,
         )
-        return token, state
+        return token, state, out
 
     def advance(token, state: DecodeState) -> DecodeState:
         """The model on the newest tokens: the logits the next draw needs."""
-        if state.tokens.shape[1] <= block_size:  # no row can outgrow the window
-            return cached_forward(token, state)
-        windowed = jnp.max(prompt_lengths + state.step) > block_size
-        state = run_if(~windowed, functools.partial(cached_forward, token), state)
-        return run_if(windowed, functools.partial(window_forward, token), state)
+        # rows that are done feed id 0; what they compute is never read
+        logits, cache = model(jnp.maximum(token, 0)[:, None], cache=state.cache, last_only=True)
+        logits = logits[:, -1]
+        if window:  # rows past block_size: the whole window again, positions from 0
+            windowed = ~state.done & (state.cache.lengths >= block_size)  # (B,)
 
-    def step(state: DecodeState, _):
-        token, state = draw(state)
-        return advance(token, state), None
+            def recompute(logits):
+                full, _ = model(state.history, last_only=True)
+                return jnp.where(windowed[:, None], full[:, -1], logits)
+
+            logits = run_if(jnp.any(windowed), recompute, logits)
+        return dataclasses.replace(state, logits=logits, cache=cache)
 
     # Groups of steps with a fixed trip count, checking between groups whether any row still
     # runs: a GPU decides a data-dependent branch on the host, a pipeline stall, so checking
@@ -164,17 +336,32 @@ def decode(
     # needs no logits after it (a one-token request is a prefill and a draw).
     group = min(num_steps, STEPS_BETWEEN_CHECKS)
     assert num_steps % group == 0, f"num_steps={num_steps} is not a multiple of {group}"
-    last_step = state.step + num_steps
 
-    def more(state: DecodeState):
-        return (state.step < last_step) & ~jnp.all(state.done)
+    def step(carry, _):
+        state, out, i = carry
+        token, state, out = draw(state, out, i)
+        return (advance(token, state), out, i + 1), None
 
-    def run_group(state: DecodeState) -> DecodeState:
-        state = jax.lax.scan(step, state, length=group - 1)[0]
-        token, state = draw(state)
-        return run_if(~jnp.all(state.done), functools.partial(advance, token), state)
+    def run_group(carry):
+        carry = jax.lax.scan(step, carry, length=group - 1)[0]
+        state, out, i = carry
+        token, state, out = draw(state, out, i)
+        state = run_if(~jnp.all(state.done), functools.partial(advance, token), state)
+        return state, out, i + 1
 
-    return jax.lax.while_loop(more, run_group, state)
+    def more(carry):
+        state, _, i = carry
+        return (i < num_steps) & ~jnp.all(state.done)
+
+    L = logprobs
+    out = Emitted(
+        tokens=jnp.full((B, num_steps), FILL, jnp.int32),
+        logprobs=jnp.zeros((B, num_steps if L else 0), jnp.float32),
+        top_ids=jnp.zeros((B, num_steps if L else 0, L), jnp.int32),
+        top_logprobs=jnp.zeros((B, num_steps if L else 0, L), jnp.float32),
+    )
+    state, out, _ = jax.lax.while_loop(more, run_group, (state, out, jnp.int32(0)))
+    return state, out
 
 
 def run_if(predicate, function, operand):
@@ -190,9 +377,22 @@ def run_if(predicate, function, operand):
     return out
 
 
+def row_keys(seed, row_ids):
+    """Each row's key stream: row r of a request draws from fold_in(key(seed), r)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids)
+
+
+def prefill_and_start(graphdef, params, tokens, lengths, seed, row_ids, sampling, max_new, **kw):
+    """One batch's programs in one: prefill its prompts, start its rows."""
+    num_slots, window = kw.pop("num_slots"), kw.pop("window")
+    prefilled = prefill(graphdef, params, tokens, lengths, prompt_logprobs=0, **kw)
+    keys = row_keys(seed, row_ids)
+    return start(prefilled, keys, sampling, max_new, num_slots=num_slots, window=window)
+
+
 @dataclasses.dataclass
 class Engine:
-    """Compiled prefill/decode programs of one model, keyed by shapes and static options."""
+    """Compiled programs of one model, keyed by shapes and static options."""
 
     bundle: ModelBundle
     programs: dict = dataclasses.field(default_factory=dict)
@@ -202,25 +402,34 @@ class Engine:
     def compile_count(self) -> int:
         return len(self.programs)
 
-    def compiled(self, name: str, function: Callable, static: dict, donate: tuple, params, *args):
-        """The program for `function(graphdef, params, *args, **static)` at these shapes.
+    def compiled(self, name: str, function: Callable, static: dict, donate: tuple, *args):
+        """The program for `function(*args, **static)` at these shapes; a function whose
+        first two arguments are (graphdef, params) gets this bundle's.
 
         The key leaves out `params`: they are this bundle's, fixed for the engine's life, and
         describing their tree is costly (milliseconds per call for a large model).
         """
-        leaves, structure = jax.tree.flatten(args)
+        uses_model = name in ("prefill", "start", "decode")
+        leaves, structure = jax.tree.flatten(args[1:] if uses_model else args)
         signature = tuple(
             (jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves
         )
         key = (name, tuple(sorted(static.items())), structure, signature)
-        args = (params, *args)
         if key not in self.programs:
             began = time.perf_counter()
-            jitted = jax.jit(
-                function, static_argnums=0, static_argnames=tuple(static), donate_argnames=donate
-            )
-            lowered = jitted.lower(self.bundle.graphdef, *args, **static)
-            self.programs[key] = lowered.compile()
+            if uses_model:
+                jitted = jax.jit(
+                    function,
+                    static_argnums=0,
+                    static_argnames=tuple(static),
+                    donate_argnames=donate,
+                )
+                lowered = jitted.lower(self.bundle.graphdef, *args, **static)
+            else:
+                jitted = jax.jit(function, static_argnames=tuple(static), donate_argnames=donate)
+                lowered = jitted.lower(*args, **static)
+            options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+            self.programs[key] = lowered.compile(compiler_options=options)
             self.compile_seconds += time.perf_counter() - began
         return self.programs[key]
 
@@ -228,36 +437,100 @@ class Engine:
     def mesh(self):
         return self.bundle.mesh
 
+    @property
+    def vocab_size(self) -> int:
+        return self.bundle.tokenizer.vocab_size
+
+    def cache_sharding(self):
+        return None if self.mesh is None else cache_sharding(self.bundle.config, self.mesh)
+
     def rows(self, value) -> jax.Array:
         """A host array of batch rows, placed like the batch (split over `data` on a mesh)."""
         if self.mesh is None:
             return jnp.asarray(value)
         return global_array(value, batch_sharding(self.mesh, np.ndim(value)))
 
-    def prefill(self, tokens, start, num_new_slots):
-        args = (self.bundle.params, self.rows(tokens), self.rows(start))
-        mesh = self.mesh
-        static = dict(
-            num_new_slots=num_new_slots,
-            cache_sharding=None if mesh is None else cache_sharding(self.bundle.config, mesh),
-        )
-        program = self.compiled("prefill", prefill, static, (), *args)
-        return program(*args)
-
-    def decode(self, state, seed, row_ids, sampling, num_new, stop_ids, prompt_slots, num_steps):
+    def start(self, tokens, lengths, seed, row_ids, sampling, max_new, num_slots, window):
+        """A decode state of right-padded prompts (B, P), all rows beginning now."""
+        # the settings' static switches matter to the decode program only: starting compiles
+        # once per shape, and the switches are put back on the state it returns
+        switches = {f: getattr(sampling, f) for f in ("top_k_bucket", "use_top_p", "greedy")}
         args = (
             self.bundle.params,
-            state,
+            self.rows(tokens),
+            self.rows(lengths),
             jnp.int32(seed),
             self.rows(row_ids),
-            sampling,
-            jnp.int32(num_new),
-            stop_ids,
+            neutral(sampling),
+            self.rows(max_new),
         )
-        vocab_size = self.bundle.tokenizer.vocab_size
-        static = dict(prompt_slots=prompt_slots, num_steps=num_steps, vocab_size=vocab_size)
-        program = self.compiled("decode", decode, static, ("state",), *args)
-        return program(*args)
+        static = dict(
+            num_slots=num_slots,
+            window=window,
+            cache_sharding=self.cache_sharding(),
+            vocab_size=self.vocab_size,
+        )
+        state = self.compiled("start", prefill_and_start, static, (), *args)(*args)
+        return dataclasses.replace(state, sampling=dataclasses.replace(state.sampling, **switches))
+
+    def prefill(self, tokens, lengths, prompt_logprobs: int = 0) -> Prefilled:
+        args = (self.bundle.params, self.rows(tokens), self.rows(lengths))
+        static = dict(
+            cache_sharding=self.cache_sharding(),
+            prompt_logprobs=prompt_logprobs,
+            vocab_size=self.vocab_size,
+        )
+        return self.compiled("prefill", prefill, static, (), *args)(*args)
+
+    def empty(self, batch_size: int, num_slots: int, window: int) -> DecodeState:
+        bundle = self.bundle
+        dtype = jnp.dtype(bundle.dtype)
+        state = empty_state(
+            bundle.config, batch_size, num_slots, window, self.vocab_size, dtype, self.mesh is None
+        )
+        if self.mesh is not None:  # rows over `data`, the cache's heads as prefill places them
+            state = jax.tree.map(
+                lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), state
+            )
+            cache = self.cache_sharding()
+            state.cache.k = [jax.device_put(k, cache) for k in state.cache.k]
+            state.cache.v = [jax.device_put(v, cache) for v in state.cache.v]
+        return state
+
+    def insert(
+        self, state, prefilled, row: int, slot: int, seed: int, row_id: int, sampling, max_new
+    ):
+        """Row `row` of `prefilled` into slot `slot`, drawing from key stream `row_id` of
+        `seed`. Compiled once per prompt bucket: the settings' static switches are left out
+        (they belong to the decode program), so are the state's."""
+        key = row_keys(jnp.int32(seed), jnp.int32([row_id]))[0]
+        sampling = neutral(sampling)
+        state = dataclasses.replace(state, sampling=neutral(state.sampling))
+        args = (
+            state,
+            prefilled,
+            jnp.int32(row),
+            jnp.int32(slot),
+            key,
+            sampling,
+            jnp.int32(max_new),
+        )
+        return self.compiled("insert", insert, {}, ("state",), *args)(*args)
+
+    def release(self, state, free) -> DecodeState:
+        state = dataclasses.replace(state, sampling=neutral(state.sampling))
+        args = (state, self.rows(np.asarray(free, bool)))
+        return self.compiled("release", release, {}, ("state",), *args)(*args)
+
+    def decode(self, state, stop_ids, num_steps: int, logprobs: int = 0):
+        args = (self.bundle.params, state, stop_ids)
+        static = dict(num_steps=num_steps, vocab_size=self.vocab_size, logprobs=logprobs)
+        return self.compiled("decode", decode, static, ("state",), *args)(*args)
+
+
+def neutral(sampling: SamplingParams) -> SamplingParams:
+    """The settings without their static switches, for programs that only store them."""
+    return dataclasses.replace(sampling, top_k_bucket=0, use_top_p=False, greedy=False)
 
 
 def engine_of(bundle: ModelBundle) -> Engine:

@@ -1,6 +1,6 @@
 """Text generation from the host: prompts in, texts out.
 
-    prompts -> token ids -> crop to block_size -> left-pad to a bucket -> prefill
+    prompts -> token ids -> crop to block_size -> right-pad to a bucket -> prefill
             -> scan over new tokens [sample -> write -> model step on the new token] -> text
 
 Compiled programs depend only on shapes: (batch, prompt bucket, new-token bucket) and the static
@@ -170,6 +170,19 @@ def split_stops(stop, tokenizer) -> tuple[jax.Array, list[str]]:
     return jnp.asarray(ids or [FILL], jnp.int32), texts
 
 
+def prompt_bucket(length: int, block_size: int) -> int:
+    """Slots a prompt of `length` tokens is padded to: a power of two, at most block_size."""
+    return min(max(MIN_PROMPT_BUCKET, next_power_of_two(length)), block_size)
+
+
+def cache_plan(prompt_slots: int, new_slots: int, block_size: int) -> tuple[int, int]:
+    """(cache slots, window): room for prompt and new tokens while they fit block_size; past
+    it, a window of the last block_size tokens for nanoGPT's recompute."""
+    if prompt_slots + new_slots <= block_size:
+        return prompt_slots + new_slots, 0
+    return block_size, block_size
+
+
 def generate_batch(
     engine: Engine,
     batch: list[list[int]],
@@ -187,38 +200,37 @@ def generate_batch(
     """New tokens for each row of one batch (the rows' prompts are `batch`)."""
     config, tokenizer = engine.bundle.config, engine.bundle.tokenizer
     cropped = [row[-config.block_size :] for row in batch]
-    prompt_slots = max(MIN_PROMPT_BUCKET, next_power_of_two(max(map(len, cropped))))
+    prompt_slots = prompt_bucket(max(map(len, cropped)), config.block_size)
     new_slots = max(MIN_NEW_TOKENS_BUCKET, next_power_of_two(max_new_tokens))
     chunk_size = min(next_power_of_two(chunk_size), new_slots)
+    num_slots, window = cache_plan(prompt_slots, new_slots, config.block_size)
     # padding rows repeat the first prompt and key stream; their output is dropped
     padding = padded_rows - len(cropped)
     tokens = np.zeros((padded_rows, prompt_slots), np.int32)
-    start = np.zeros((padded_rows,), np.int32)
+    lengths = np.zeros((padded_rows,), np.int32)
     for b, row in enumerate(cropped + [cropped[0]] * padding):
-        tokens[b, prompt_slots - len(row) :] = row
-        start[b] = prompt_slots - len(row)
+        tokens[b, : len(row)] = row
+        lengths[b] = len(row)
     ids = np.array(list(row_ids) + [row_ids[0]] * padding, np.int32)
-
-    def new_so_far(state, steps):
-        written = to_host(state.tokens)[: len(batch), prompt_slots:]
-        return new_rows(written[:, : min(steps, max_new_tokens)])
-
-    state = engine.prefill(tokens, start, new_slots)
+    max_new = np.full((padded_rows,), max_new_tokens, np.int32)
+    state = engine.start(
+        tokens, lengths, seed, ids, sampling.for_rows(padded_rows), max_new, num_slots, window
+    )
+    new = [[] for _ in batch]
     emitted = [0] * len(batch)
     steps = 0
     while steps < max_new_tokens:
-        state = engine.decode(
-            state, seed, ids, sampling, max_new_tokens, stop_ids, prompt_slots, chunk_size
-        )
+        state, out = engine.decode(state, stop_ids, chunk_size)
         steps += chunk_size
         if bool(np.any(to_host(state.bad_logits))):
             raise UserError("the model produced NaN or infinite logits; the checkpoint is broken")
+        for row, drawn in zip(new, to_host(out.tokens)[: len(batch)], strict=False):
+            row += drawn[drawn != FILL].tolist()
         done = to_host(state.done)
         if not (on_text or stop_texts):
             if np.all(done):
                 break
             continue
-        new = new_so_far(state, steps)
         stopped = [stop_index(tokenizer, row, stop_texts) for row in new]
         if on_text:
             finished = steps >= max_new_tokens or bool(np.all(done))
@@ -229,21 +241,13 @@ def generate_batch(
                 on_text(row_ids[b], text[emitted[b] :])
                 emitted[b] = max(emitted[b], len(text))
         if any(s is not None for s in stopped):
-            done = done.copy()
-            done[: len(batch)] |= [s is not None for s in stopped]
-            state = dataclasses.replace(state, done=engine.rows(done))
+            free = np.zeros(padded_rows, bool)
+            free[: len(batch)] = [s is not None for s in stopped]
+            state = engine.release(state, free)
+            done = done | free
         if np.all(done):
             break
-    return [row[: stop_index(tokenizer, row, stop_texts)] for row in new_so_far(state, steps)]
-
-
-def new_rows(tokens: np.ndarray) -> list[list[int]]:
-    """Each row's new tokens, up to the first FILL."""
-    out = []
-    for row in tokens:
-        end = np.flatnonzero(row == FILL)
-        out.append(row[: end[0] if end.size else len(row)].tolist())
-    return out
+    return [row[: stop_index(tokenizer, row, stop_texts)] for row in new]
 
 
 def stop_index(tokenizer, tokens: list[int], stop_texts: list[str]) -> int | None:

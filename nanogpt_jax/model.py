@@ -7,13 +7,14 @@ Shapes, used in every comment and einsum below:
 Parameter names follow GPT-2's (wte, wpe, h.N.ln_1, attn.c_attn, attn.c_proj, mlp.c_fc,
 mlp.c_proj, ln_f), so converting PyTorch weights is a table lookup. The lm_head is tied to wte.
 
-Cached calls: rows of a batch are left-padded so that every row's newest token sits in the same
-cache slot; one write index then serves the whole batch and each row masks its padding away.
+Cached calls: each row keeps its own length, and a token's cache slot is its position, so rows
+of different lengths (and rows that joined a running batch at different times) share one cache
+without padding in front. A call's T tokens of row b go to slots lengths[b] .. lengths[b]+T-1;
+slots past a row's length hold nothing it may attend to.
 
-    slot:    0    1    2    3    4    5    6    7
-    row 0:  pad  pad   a    b    c  | next tokens ->     start[0] = 2, positions 0 1 2 ...
-    row 1:   d    e    f    g    h  | next tokens ->     start[1] = 0
-                                      ^ index: where this call's first token is written
+    slot:      0    1    2    3    4    5    6    7
+    row 0:     a    b    c  | next ->                lengths[0] = 3
+    row 1:     d    e    f    g    h  | next ->      lengths[1] = 5
 """
 
 from __future__ import annotations
@@ -70,8 +71,7 @@ class KVCache:
 
     k: list[jax.Array]  # n_layer x (B*H, S, D) or (B, H, S, D)
     v: list[jax.Array]  # n_layer x (B*H, S, D) or (B, H, S, D)
-    start: jax.Array  # (B,) int32: first slot holding a real token of each row
-    index: jax.Array  # () int32: slot the next token is written to
+    lengths: jax.Array  # (B,) int32: tokens held per row; its next token goes to that slot
 
     @property
     def num_slots(self) -> int:
@@ -79,9 +79,9 @@ class KVCache:
 
 
 def init_cache(
-    config: GPTConfig, batch_size: int, num_slots: int, start, dtype, fold_heads: bool = True
+    config: GPTConfig, batch_size: int, num_slots: int, dtype, fold_heads: bool = True
 ) -> KVCache:
-    """An empty cache for `batch_size` rows whose real tokens begin at slot `start[b]`."""
+    """An empty cache of `num_slots` slots for `batch_size` rows."""
     B, H = batch_size, config.n_head
     shape = (
         (B * H, num_slots, config.head_dim) if fold_heads else (B, H, num_slots, config.head_dim)
@@ -89,9 +89,21 @@ def init_cache(
     return KVCache(
         k=[jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
         v=[jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
-        start=jnp.asarray(start, jnp.int32),
-        index=jnp.zeros((), jnp.int32),
+        lengths=jnp.zeros((B,), jnp.int32),
     )
+
+
+def write_rows(buffer, new, at):
+    """buffer (B*H, S, D) or (B, H, S, D) with each row's new (.., T, D) written from slot
+    at[b] on. One slot for every row (a prefill into a fresh cache) is a plain slice update."""
+    if at.ndim == 0:
+        return jax.lax.dynamic_update_slice(buffer, new, (0,) * (buffer.ndim - 2) + (at, 0))
+    if buffer.ndim == 3:  # heads folded into the batch: row b's heads are rows b*H .. b*H+H-1
+        at = jnp.repeat(at, buffer.shape[0] // at.shape[0])
+    write = jax.vmap(
+        lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (0,) * (b.ndim - 2) + (i, 0))
+    )
+    return write(buffer, new, at)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -106,7 +118,8 @@ class CausalSelfAttention(nnx.Module):
         self.resid_dropout = nnx.Dropout(config.dropout)
 
     def __call__(self, x, mask, kv=None, index=None, rngs=None):
-        """x: (B, T, C); mask: (B, 1, T, T or S); kv: this layer's cached (k, v) or None.
+        """x: (B, T, C); mask: (B, 1, T, T or S); kv: this layer's cached (k, v) or None;
+        index: () or (B,) slot of each row's first token in the cache.
 
         Attention runs in the cache's layout: heads folded into the batch, (B*H, ...), or not.
         """
@@ -119,9 +132,8 @@ class CausalSelfAttention(nnx.Module):
             # write this call's keys and values into the cache, then attend over all S slots
             if kv[0].ndim == 3:
                 q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))  # (B*H, T, D)
-            at = (0,) * (kv[0].ndim - 2) + (index, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at)
+            k = write_rows(kv[0], k.astype(kv[0].dtype), index)
+            v = write_rows(kv[1], v.astype(kv[1].dtype), index)
             kv = (k, v)  # 2 x (B*H, S, D) or (B, H, S, D)
         att = jnp.einsum("...td,...sd->...ts", q, k.astype(q.dtype)) / math.sqrt(D)
         # softmax in float32; masked entries get the most negative finite value, not -inf, so a
@@ -204,29 +216,34 @@ class GPT(nnx.Module):
         cache: KVCache | None = None,
         *,
         start: jax.Array | None = None,
+        last: jax.Array | None = None,
         last_only: bool = False,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Float32 logits (B, T, V), and the cache with these tokens added (None without one).
 
-        tokens: (B, T) ids. positions: (B, T), default 0..T-1. start: (B,) first real token of
-        each left-padded row (without a cache; a cache carries its own). last_only: logits of
-        the last position only, (B, 1, V). Dropout runs only when `rngs` is given (training).
+        tokens: (B, T) ids. Without a cache: positions (B, T), default 0..T-1, and start (B,)
+        the first real token of each left-padded row. With a cache, row b's tokens take the
+        slots cache.lengths[b] + 0..T-1, and by default those positions (past block_size they
+        are clamped: only a row that has outgrown its window gets there, and its logits are
+        not used).
+        last: (B,) logits of that position of each row only, (B, 1, V); last_only: of the
+        last position. Dropout runs only when `rngs` is given (training).
         """
         B, T = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if cache is not None:
+            slots = cache.lengths[:, None] + jnp.arange(T)  # (B, T)
+            mask = (jnp.arange(cache.num_slots)[None, None, :] <= slots[:, :, None])[:, None]
+            positions = slots if positions is None else positions  # the slot, unless told
+            positions = jnp.minimum(positions, self.config.block_size - 1)
+        else:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+            mask = (jnp.arange(T)[None, :] <= jnp.arange(T)[:, None])[None, None]  # (1,1,T,T)
+            if start is not None:  # (B, 1, T, T): no row attends to its left padding
+                mask = mask & (jnp.arange(T)[None, :] >= start[:, None])[:, None, None, :]
         x = self.wte(tokens) + self.wpe(positions)  # (B, T, C)
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
-
-        if cache is None:
-            query_slot, key_slot = jnp.arange(T), jnp.arange(T)
-        else:
-            query_slot, key_slot = cache.index + jnp.arange(T), jnp.arange(cache.num_slots)
-            start = cache.start
-        mask = (key_slot[None, :] <= query_slot[:, None])[None, None]  # (1, 1, T, T or S)
-        if start is not None:
-            mask = mask & (key_slot[None, :] >= start[:, None])[:, None, None, :]  # (B, 1, T, S)
 
         if cache is None:
             for block in self.h:
@@ -234,13 +251,15 @@ class GPT(nnx.Module):
         else:
             new_k, new_v = [], []
             for block, k, v in zip(self.h, cache.k, cache.v, strict=True):
-                x, (k, v) = block(x, mask, (k, v), cache.index, rngs)
+                x, (k, v) = block(x, mask, (k, v), cache.lengths, rngs)
                 new_k.append(k)
                 new_v.append(v)
-            cache = KVCache(new_k, new_v, cache.start, cache.index + T)
+            cache = KVCache(new_k, new_v, cache.lengths + T)
 
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
+        elif last is not None:
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # (B, 1, C)
         x = self.ln_f(x)
         # lm_head tied to the token embedding: (B, T, C) x (V, C) -> (B, T, V)
         logits = jnp.einsum("btc,vc->btv", x, self.wte.embedding[...].astype(x.dtype))

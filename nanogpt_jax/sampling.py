@@ -28,15 +28,20 @@ def next_power_of_two(n: int) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Traced values change without recompiling; the static ones set shapes or skip work."""
+    """Traced values change without recompiling; the static ones set shapes or skip work.
 
-    temperature: jax.Array  # () float32; 0 means greedy
-    top_k: jax.Array  # () int32; ignored when top_k_bucket == 0
-    top_p: jax.Array  # () float32; 1 keeps everything
-    min_p: jax.Array  # () float32; 0 keeps everything
+    The traced values are scalars, one setting for every row, or (B,) arrays, one per row
+    (a server's rows are different requests). Per row: temperature 0 is greedy, top_k 0 and
+    top_p 1 keep everything.
+    """
+
+    temperature: jax.Array  # () or (B,) float32; 0 means greedy
+    top_k: jax.Array  # () or (B,) int32; ignored when top_k_bucket == 0
+    top_p: jax.Array  # () or (B,) float32; 1 keeps everything
+    min_p: jax.Array  # () or (B,) float32; 0 keeps everything
     top_k_bucket: int = dataclasses.field(default=0, metadata=dict(static=True))
     use_top_p: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))  # temperature 0
+    greedy: bool = dataclasses.field(default=False, metadata=dict(static=True))  # every row
 
     @classmethod
     def create(
@@ -65,6 +70,22 @@ class SamplingParams:
             greedy=temperature == 0,
         )
 
+    def for_rows(self, batch_size: int) -> SamplingParams:
+        """The same setting as (B,) arrays, one entry per row."""
+        rows = lambda x: jnp.broadcast_to(x, (batch_size,))  # noqa: E731
+        return dataclasses.replace(
+            self,
+            temperature=rows(self.temperature),
+            top_k=rows(self.top_k),
+            top_p=rows(self.top_p),
+            min_p=rows(self.min_p),
+        )
+
+
+def per_row(x):
+    """A scalar or (B,) setting, shaped to broadcast against (B, V) logits."""
+    return jnp.reshape(x, (-1, 1))
+
 
 def check_sampling_options(temperature, top_k, top_p, min_p) -> None:
     if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or temperature < 0:
@@ -80,15 +101,17 @@ def check_sampling_options(temperature, top_k, top_p, min_p) -> None:
 def apply_temperature(logits, params: SamplingParams):
     # temperature 0 is handled by greedy selection in `sample`; divide by 1 instead of 0 here
     safe = jnp.where(params.temperature > 0, params.temperature, 1.0)
-    return logits / safe
+    return logits / per_row(safe)
 
 
 def apply_top_k(logits, params: SamplingParams):
     if not params.top_k_bucket:
         return logits
     values, _ = jax.lax.top_k(logits, params.top_k_bucket)  # (B, bucket), descending
-    kth = jnp.take(values, params.top_k - 1, axis=-1)  # (B,)
-    return jnp.where(logits < kth[:, None], -jnp.inf, logits)
+    top_k = jnp.broadcast_to(params.top_k, logits.shape[:1])  # (B,)
+    kth = jnp.take_along_axis(values, jnp.maximum(top_k - 1, 0)[:, None], axis=-1)  # (B, 1)
+    kth = jnp.where(top_k[:, None] > 0, kth, -jnp.inf)  # a row without top-k keeps all
+    return jnp.where(logits < kth, -jnp.inf, logits)
 
 
 def apply_top_p(logits, params: SamplingParams):
@@ -114,7 +137,10 @@ def apply_top_p(logits, params: SamplingParams):
     lo = jnp.zeros((B,), jnp.uint32)
     hi = jnp.full((B,), jnp.iinfo(jnp.uint32).max, jnp.uint32)
     lo, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
-    return jnp.where(keys < lo[:, None], -jnp.inf, logits)
+    # a row with top_p 1 keeps everything, exactly as when no row uses top-p (a rounded mass
+    # of 1.0 could otherwise cut a tail of tokens with next to no probability)
+    keep = (keys >= lo[:, None]) | (per_row(params.top_p) >= 1.0)
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 def ordered_bits(x):
@@ -126,7 +152,7 @@ def ordered_bits(x):
 
 def apply_min_p(logits, params: SamplingParams):
     """Keep tokens with prob >= min_p * max prob, i.e. logit >= max logit + log(min_p)."""
-    cutoff = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(params.min_p)  # -inf when 0
+    cutoff = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(per_row(params.min_p))  # 0: -inf
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
@@ -152,6 +178,8 @@ def draw(logits, key):
 def sample(logits, keys, params: SamplingParams):
     """One token id per row. logits: (B, V); keys: (B,) typed PRNG keys, one per row."""
     logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.vmap(draw)(filter_logits(logits, params), keys).astype(jnp.int32)
+        return greedy
+    drawn = jax.vmap(draw)(filter_logits(logits, params), keys).astype(jnp.int32)
+    return jnp.where(jnp.reshape(params.temperature, (-1,)) == 0, greedy, drawn)

@@ -56,9 +56,9 @@ def layouts(checkpoint: str, specs: list) -> dict:
                 "ln_1": spec_of(block["ln_1"]["scale"][...]),
             }
             engine = engine_of(bundle)
-            state = engine.prefill(*padded_prompt(bundle, len(mesh.devices.flat)), num_new_slots=16)
-            record["cache"] = spec_of(state.cache.k[0])
-            record["cache_shape"] = list(state.cache.k[0].shape)
+            state = engine.prefill(*padded_prompt(bundle, len(mesh.devices.flat)))
+            record["cache"] = spec_of(state.k[0])
+            record["cache_shape"] = list(state.k[0].shape)
         out[layout or "single"] = record
     return out
 
@@ -67,8 +67,8 @@ def padded_prompt(bundle, rows):
     import numpy as np
 
     tokens = np.zeros((rows, 16), np.int32)
-    tokens[:, -2:] = bundle.tokenizer.encode("Hi")
-    return tokens, np.full((rows,), 14, np.int32)
+    tokens[:, :2] = bundle.tokenizer.encode("Hi")
+    return tokens, np.full((rows,), 2, np.int32)
 
 
 if __name__ == "__main__":

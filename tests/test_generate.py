@@ -38,23 +38,30 @@ def char_bundle(char_checkpoint):
     return nanogpt_jax.load(char_checkpoint)
 
 
+def start_rows(engine, rows, max_new, num_slots=128, window=None, temperature=0.0):
+    """A decode state of the rows' prompts, greedy by default, rows 0..n-1 of seed 0."""
+    prompt_slots = 16
+    tokens = np.zeros((len(rows), prompt_slots), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, : len(row)] = row
+    lengths = np.array([len(r) for r in rows], np.int32)
+    row_ids = np.arange(len(rows), dtype=np.int32)
+    sampling = SamplingParams.create(temperature=temperature).for_rows(len(rows))
+    window = engine.bundle.config.block_size if window is None else window
+    max_new = np.full((len(rows),), max_new, np.int32)
+    return engine.start(tokens, lengths, 0, row_ids, sampling, max_new, num_slots, window)
+
+
 def stepwise_logits(bundle, rows, steps):
     """Next-token logits after each greedy step, read from the engine's cached decode."""
     engine = engine_of(bundle)
-    prompt_slots = 16
-    tokens = np.zeros((len(rows), prompt_slots), np.int32)
-    start = np.array([prompt_slots - len(r) for r in rows], np.int32)
-    for b, row in enumerate(rows):
-        tokens[b, start[b] :] = row
-    state = engine.prefill(tokens, start, 128)
-    row_ids = np.arange(len(rows), dtype=np.int32)
-    greedy = SamplingParams.create(temperature=0.0)
-    history = [np.asarray(state.logits)]
+    state = start_rows(engine, rows, 10_000, num_slots=bundle.config.block_size)
+    history, generated = [np.asarray(state.logits)], []
     for _ in range(steps):
-        state = engine.decode(state, 0, row_ids, greedy, 10_000, jnp.array([FILL]), prompt_slots, 1)
+        state, out = engine.decode(state, jnp.array([FILL]), 1)
         history.append(np.asarray(state.logits))
-    generated = np.asarray(state.tokens)[:, prompt_slots : prompt_slots + steps]
-    return history, generated
+        generated.append(np.asarray(out.tokens))
+    return history, np.concatenate(generated, axis=1)
 
 
 def test_cached_decode_equals_full_recompute_past_block_size(gpt2_bundle):
@@ -80,19 +87,16 @@ def test_cached_decode_equals_full_recompute_past_block_size(gpt2_bundle):
 
 def test_decode_stops_calling_the_model_once_every_row_is_done(char_bundle):
     """No model step after a request's last token, and no group of steps after every row is
-    done: the cache index counts the model steps that ran."""
+    done: the cache lengths count the model steps that ran."""
     engine = engine_of(char_bundle)
-    prompt_slots, rows = 16, 2
-    tokens = np.ones((rows, prompt_slots), np.int32)
-    start = np.zeros((rows,), np.int32)
-    row_ids = np.arange(rows, dtype=np.int32)
-    greedy = SamplingParams.create(temperature=0.0)
+    rows = [[1] * 16, [1] * 16]
     no_stop = jnp.array([FILL])
 
     def decode(num_new, num_steps):
-        state = engine.prefill(tokens, start, 64)
-        state = engine.decode(state, 0, row_ids, greedy, num_new, no_stop, prompt_slots, num_steps)
-        return int(state.step), int(state.cache.index) - prompt_slots, np.asarray(state.tokens)
+        state = start_rows(engine, rows, num_new, num_slots=80, window=0)
+        state, out = engine.decode(state, no_stop, num_steps)
+        model_steps = int(state.cache.lengths[0]) - 16
+        return int(state.step[0]), model_steps, np.asarray(out.tokens)
 
     assert decode(num_new=1, num_steps=1)[:2] == (1, 0)  # a prefill and a draw
     assert decode(num_new=2, num_steps=2)[:2] == (2, 1)
@@ -100,8 +104,7 @@ def test_decode_stops_calling_the_model_once_every_row_is_done(char_bundle):
     # done after 3 tokens: the first group of 16 steps runs, the other three are skipped
     steps, model_steps, written = decode(num_new=3, num_steps=64)
     assert (steps, model_steps) == (16, 15)
-    new = written[:, prompt_slots:]
-    assert np.all(new[:, :3] != FILL) and np.all(new[:, 3:] == FILL)
+    assert np.all(written[:, :3] != FILL) and np.all(written[:, 3:] == FILL)
 
 
 def test_greedy_equals_transformers_generate(gpt2_bundle):

@@ -1,6 +1,7 @@
 """Invariants of the GPT module on tiny configs: causality, nanoGPT's init, dropout only in
 training, jit == no-jit, and the cache path against the plain forward."""
 
+import dataclasses
 import math
 
 import jax
@@ -73,24 +74,29 @@ def test_jit_equals_eager():
 
 
 def test_chunked_prefill_through_the_cache_equals_one_pass():
-    """Left-padded rows written into the cache in two calls give the uncached logits."""
+    """Rows of different lengths, each at its own position, written into the cache in two
+    calls (the second from where each row ended), give the uncached logits."""
     model = GPT(TINY, rngs=nnx.Rngs(0))
     ids = np.asarray(jax.random.randint(jax.random.key(3), (2, 10), 0, 64))
-    lengths = [10, 6]
-    slots = 12
-    tokens = np.zeros((2, slots), np.int32)
-    start = np.array([slots - n for n in lengths])
-    for b, n in enumerate(lengths):
-        tokens[b, slots - n :] = ids[b, :n]
-    positions = np.maximum(np.arange(slots)[None] - start[:, None], 0)
-    cache = init_cache(TINY, 2, slots + 4, start, jnp.float32)
-    first, cache = model(tokens[:, :8], positions[:, :8], cache)
-    second, cache = model(tokens[:, 8:], positions[:, 8:], cache)
-    cached = np.concatenate([first, second], axis=1)
-    assert int(cache.index) == slots
+    lengths = np.array([10, 6])
+    first = np.array([7, 3])  # tokens of each row in the first call
+    cache = init_cache(TINY, 2, 16, jnp.float32)
+    tokens = np.zeros((2, 8), np.int32)
+    for b in range(2):
+        tokens[b, : first[b]] = ids[b, : first[b]]
+    logits_first, cache = model(tokens, cache=cache)
+    # the second call starts where each row's real tokens ended, not after the padding
+    cache = dataclasses.replace(cache, lengths=jnp.asarray(first))
+    tokens = np.zeros((2, 4), np.int32)
+    for b in range(2):
+        rest = ids[b, first[b] : lengths[b]]
+        tokens[b, : len(rest)] = rest
+    logits_second, cache = model(tokens, cache=cache)
+    assert cache.lengths.tolist() == (first + 4).tolist()
     for b, n in enumerate(lengths):
         expected, _ = model(ids[b : b + 1, :n])
-        np.testing.assert_allclose(cached[b, slots - n :], expected[0], atol=1e-5)
+        cached = np.concatenate([logits_first[b, : first[b]], logits_second[b, : n - first[b]]])
+        np.testing.assert_allclose(cached, expected[0], atol=1e-5)
 
 
 def test_presets_and_config_checks():

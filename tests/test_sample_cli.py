@@ -22,7 +22,7 @@ def sample(checkpoint, *flags, env=None):
     return run_script("sample", f"--init_from={checkpoint}", *flags, env=env)
 
 
-ENGINE_PROGRAMS = ("jit_prefill", "jit_decode")
+ENGINE_PROGRAMS = ("jit_prefill_and_start", "jit_decode")
 # JAX names each program it finds in, misses in, or leaves out of the persistent cache
 CACHE_LOGS = {"JAX_LOG_COMPILES": "1", "JAX_EXPLAIN_CACHE_MISSES": "1"}
 

@@ -1,0 +1,77 @@
+"""A row's logits do not depend on the rows beside it or on the cache size, bit for bit:
+what lets a server promise that a seeded request gives the same text alone or under load.
+(On XLA:CPU this needs reductions kept out of the YNNPACK library and at least two rows per
+product; see "Batch invariance" in nanogpt_jax.engine.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import relative_logit_error, spread_model
+
+from nanogpt_jax.bench.run import IdTokenizer
+from nanogpt_jax.bundle import make_bundle
+from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.engine import FILL, engine_of
+from nanogpt_jax.sampling import SamplingParams
+
+# wide enough that a batch's layer norms and softmaxes are large reductions, which XLA:CPU
+# would otherwise hand to a library that sums them in another order
+CONFIG = GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=256)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    _, params = spread_model(CONFIG, seed=1)
+    return make_bundle(CONFIG, IdTokenizer(512), jax.device_get(params))
+
+
+def logits_of_row_0(bundle, others: int, num_slots: int, window: int, steps: int = 8):
+    """Row 0's logits before each of `steps` greedy steps, beside `others` random rows."""
+    engine = engine_of(bundle)
+    rng = np.random.default_rng(others + num_slots)
+    rows = [list(range(7, 18))] + [
+        rng.integers(0, 512, rng.integers(1, 16)).tolist() for _ in range(others)
+    ]
+    B = len(rows)
+    tokens = np.zeros((B, 16), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, : len(row)] = row
+    lengths = np.array([len(r) for r in rows], np.int32)
+    sampling = SamplingParams.create(0.0).for_rows(B)
+    max_new = np.full((B,), 100, np.int32)
+    state = engine.start(tokens, lengths, 0, np.arange(B), sampling, max_new, num_slots, window)
+    seen = [np.asarray(state.logits[0])]
+    for _ in range(steps):
+        state, _ = engine.decode(state, jnp.array([FILL]), 1)
+        seen.append(np.asarray(state.logits[0]))
+    return np.stack(seen)
+
+
+def test_a_rows_logits_do_not_depend_on_its_batch_or_cache(bundle):
+    reference = logits_of_row_0(bundle, others=1, num_slots=32, window=0)
+    for others, num_slots, window in [(4, 32, 0), (15, 64, 0), (7, 128, 128), (1, 128, 128)]:
+        np.testing.assert_array_equal(
+            logits_of_row_0(bundle, others, num_slots, window),
+            reference,
+            err_msg=f"{others + 1} rows, {num_slots} cache slots",
+        )
+
+
+def test_a_lone_row_is_close_to_a_batched_one(bundle):
+    """Batch 1 keeps XLA:CPU's faster one-row kernels, which round differently."""
+    alone = logits_of_row_0(bundle, others=0, num_slots=32, window=0)
+    batched = logits_of_row_0(bundle, others=3, num_slots=32, window=0)
+    assert relative_logit_error(alone, batched) < 1e-5
+
+
+def test_a_sample_is_the_same_whatever_else_is_drawn_beside_it(bundle):
+    """Sampled at temperature 1 (every near-tie can flip a draw): sample i of a prompt is the
+    same tokens in batches of 2 and 6 rows, with other prompts of its bucket beside it."""
+    prompt = list(range(30, 42))
+    others = [list(range(100 + 5 * i, 100 + 5 * i + 9 + i)) for i in range(4)]
+    options = dict(max_new_tokens=60, temperature=1.0, seed=11)
+    pair = bundle.generate([prompt, prompt], **options)
+    crowd = bundle.generate([prompt, prompt, *others], **options)
+    np.testing.assert_array_equal(crowd.tokens[:2, : pair.tokens.shape[1]], pair.tokens)
+    assert len(set(pair.tokens[0, 12:].tolist())) > 10
