@@ -15,6 +15,11 @@ EXTRAS = {  # top-level module -> the pyproject extra that installs it
     "transformers": "bench",
     "matplotlib": "bench",
     "tqdm": "bench",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "httpx": "serve",
+    "openai": "serve",
 }
 
 

@@ -9,8 +9,16 @@ import sys
 from conftest import REPO
 
 PACKAGE = REPO / "nanogpt_jax"
-WINGS = ("training", "bench", "interop", "commands")
-HEAVY = ("torch", "transformers", "safetensors", "matplotlib", "huggingface_hub")
+WINGS = ("training", "bench", "interop", "serve", "commands")
+HEAVY = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "matplotlib",
+    "huggingface_hub",
+    "fastapi",
+    "uvicorn",
+)
 # The one place the core reaches into a wing, inside the function that needs it: load() given
 # PyTorch weights converts them, and only then imports the converter (and torch with it).
 CORE_TO_WING_AT_CALL_TIME = {("nanogpt_jax.bundle", "nanogpt_jax.interop.convert")}

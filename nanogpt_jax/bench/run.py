@@ -174,6 +174,26 @@ def load_model(name: str, seed: int):
     return bundle.config, bundle.tokenizer, params, f"checkpoint {name}"
 
 
+def random_bundle(spec: str, dtype: str = "float32", mesh=None):
+    """The bundle of `random:SHAPE` (tiny, gpt2 ... gpt2-xl): GPT-2's random initialisation
+    with GPT-2's tokenizer (token ids as text for tiny), for serving benchmarks offline."""
+    import jax
+    from flax import nnx
+
+    from nanogpt_jax.bundle import make_bundle
+    from nanogpt_jax.checkpoint import params_of
+    from nanogpt_jax.model import GPT
+    from nanogpt_jax.tokenizer import GPT2Tokenizer
+
+    shape = spec.removeprefix("random:")
+    if shape not in SHAPES:
+        raise UserError(f"{spec}: the shapes are {', '.join(SHAPES)}")
+    config = SHAPES[shape]
+    params = jax.device_get(params_of(GPT(config, rngs=nnx.Rngs(0))))
+    tokenizer = IdTokenizer(config.vocab_size) if shape == "tiny" else GPT2Tokenizer()
+    return make_bundle(config, tokenizer, params, dtype, {"source": spec}, mesh)
+
+
 def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
     """Run everything, writing DIR/results.json and .csv after each row and the plot at the end."""
     import jax

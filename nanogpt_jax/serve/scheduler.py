@@ -1,0 +1,451 @@
+"""Continuous batching: requests come and go in a fixed set of decode slots.
+
+    HTTP handlers (event loop)              scheduler thread (the only one calling JAX)
+    submit(job) --> waiting jobs --> admit: prefill a prompt once, insert each of its
+                                            rows (its n samples) into a free slot
+                                     decode: K steps for every slot, one compiled program
+            <-- events per job <--   text: stop strings, streamed pieces, finished rows;
+                                            a finished row frees its slot for the next
+
+Rows start whenever a slot frees, so the decode state holds rows of different ages; each
+carries its own length, settings and key stream (see `nanogpt_jax.engine`). Sample j of a
+request with seed s draws from the key stream of row j of `bundle.generate(prompt, seed=s)`,
+and a row's logits do not depend on the other rows, so its text is the same alone, under
+load, or in any slot. Every program is compiled during warm-up, so traffic compiles nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from nanogpt_jax.engine import FILL, MIN_ROWS, Prefilled, engine_of
+from nanogpt_jax.generate import prompt_bucket
+from nanogpt_jax.sampling import SamplingParams, next_power_of_two
+from nanogpt_jax.serve.protocol import MAX_LOGPROBS
+from nanogpt_jax.sharding import to_host
+
+TOP_K_BUCKET = 256  # top_k up to this shares the usual program; beyond, a full sort
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One prompt of a request, shared by its n rows."""
+
+    tokens: list[int]  # as the model sees them: cropped to block_size
+    text: str  # as echoed back
+    given_tokens: int  # before cropping (what usage counts)
+    prefilled: Prefilled | None = None  # on the device while rows still wait for a slot
+    waiting_rows: int = 0
+    # with echo and logprobs: per prompt token, its log-probability and the likeliest others
+    scores: tuple | None = None
+
+
+@dataclasses.dataclass
+class Row:
+    """One choice of a request: a slot while it runs."""
+
+    job: Job
+    index: int  # the choice's index in the response
+    sample: int  # j: the prompt's j-th sample, drawn from key stream j
+    prompt: Prompt
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    sent_tokens: int = 0  # tokens whose text has gone out
+    sent_text: str = ""
+    finish_reason: str | None = None
+    slot: int | None = None
+    last_delivery: float | None = None
+
+
+@dataclasses.dataclass
+class Job:
+    """One request. `notify(event)` is called from the scheduler thread for each event:
+    ("piece", Piece), ("error", message) or ("done",)."""
+
+    id: str
+    prompts: list[Prompt]
+    n: int
+    max_tokens: int
+    sampling: dict  # temperature, top_k (0: off), top_p, min_p
+    stops: list[str]
+    seed: int
+    logprobs: int | None
+    echo: bool
+    notify: Callable
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    cancelled: bool = False
+    rows: list[Row] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.rows = [
+            Row(self, index=i * self.n + j, sample=j, prompt=prompt)
+            for i, prompt in enumerate(self.prompts)
+            for j in range(self.n)
+        ]
+        for prompt in self.prompts:
+            prompt.waiting_rows = self.n
+
+    @property
+    def finished(self) -> bool:
+        return all(row.finish_reason is not None for row in self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """New text of one row, the tokens behind it, and whether the row has finished."""
+
+    index: int  # the choice
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # empty unless the request asked for logprobs
+    top: list[list[tuple[int, float]]]
+    finish_reason: str | None
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    """Owns the decode state and the thread that advances it."""
+
+    def __init__(self, bundle, slots: int, max_queue: int, decode_steps: int, metrics, log=None):
+        if slots < MIN_ROWS:
+            raise ValueError(f"slots must be at least {MIN_ROWS}")
+        self.bundle, self.engine = bundle, engine_of(bundle)
+        self.tokenizer, self.config = bundle.tokenizer, bundle.config
+        self.slots, self.max_queue = slots, max_queue
+        self.decode_steps = next_power_of_two(decode_steps)
+        self.metrics = metrics
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        eot = self.tokenizer.eot_id
+        self.stop_ids = jnp.asarray([FILL if eot is None else eot], jnp.int32)
+        self.block_size = self.config.block_size
+        self.buckets = sorted(
+            {prompt_bucket(n, self.block_size) for n in range(1, self.block_size + 1)}
+        )
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.pending: collections.deque[Row] = collections.deque()  # admitted, no slot yet
+        self.running: dict[int, Row] = {}
+        self.condition = threading.Condition()
+        self.stopping = False
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self.main, name="scheduler", daemon=True)
+        self.state = None
+        self.programs_after_warmup = None
+        self.failed: str | None = None  # why the thread stopped, if it did
+
+    # ------------------------------------------------------------------ the handlers' side
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.condition:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull
+            self.waiting.append(job)
+            self.metrics.waiting.set(len(self.waiting))
+            self.condition.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: its rows free their slots at the next chunk of steps."""
+        with self.condition:
+            job.cancelled = True
+            self.condition.notify()
+
+    def stop(self) -> None:
+        """Finish what was submitted, then end the thread."""
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        self.thread.join()
+
+    # ------------------------------------------------------------------ the thread
+
+    def main(self) -> None:
+        try:
+            self.warm_up()
+            self.ready.set()
+            while True:
+                with self.condition:
+                    while not (self.waiting or self.pending or self.running or self.stopping):
+                        self.condition.wait()
+                    if self.stopping and not (self.waiting or self.pending or self.running):
+                        return
+                self.admit()
+                if self.running:
+                    self.step()
+        except BaseException as e:  # the server cannot go on: say so to every client waiting
+            self.failed = f"{type(e).__name__}: {e}"
+            self.ready.clear()
+            self.log(f"scheduler stopped: {self.failed}")
+            jobs = [*self.waiting, *(r.job for r in [*self.pending, *self.running.values()])]
+            for job in dict.fromkeys(jobs):
+                job.notify(("error", f"the server failed: {type(e).__name__}"))
+            raise
+
+    def warm_up(self) -> None:
+        """Compile every program traffic can need: prefill (with and without the prompt's
+        log-probabilities) and insert per prompt bucket, and each decode variant."""
+        began = time.perf_counter()
+        engine = self.engine
+        self.state = engine.empty(self.slots, self.block_size, self.block_size)
+        sampling = SamplingParams.create(1.0, vocab_size=self.tokenizer.vocab_size)
+        for bucket in self.buckets:
+            tokens = np.zeros((MIN_ROWS, bucket), np.int32)
+            lengths = np.ones((MIN_ROWS,), np.int32)
+            engine.prefill(tokens, lengths, prompt_logprobs=MAX_LOGPROBS)
+            prefilled = scoreless(engine.prefill(tokens, lengths))
+            self.state = engine.insert(self.state, prefilled, 0, 0, 0, 0, sampling, 1)
+        for top_k_bucket in self.top_k_buckets():
+            for use_top_p in (False, True):
+                for logprobs in (0, MAX_LOGPROBS):
+                    self.state = self.with_variant(top_k_bucket, use_top_p)
+                    self.state, _ = engine.decode(
+                        self.state, self.stop_ids, self.decode_steps, logprobs
+                    )
+        self.state = engine.release(self.state, np.ones(self.slots, bool))
+        self.programs_after_warmup = engine.compile_count
+        self.metrics.programs.set(engine.compile_count)
+        self.log(
+            f"warm: {engine.compile_count} programs compiled in "
+            f"{time.perf_counter() - began:.1f} s ({self.slots} slots)"
+        )
+
+    def top_k_buckets(self) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        return sorted({0, min(TOP_K_BUCKET, vocab), vocab})
+
+    def with_variant(self, top_k_bucket: int, use_top_p: bool):
+        sampling = dataclasses.replace(
+            self.state.sampling, top_k_bucket=top_k_bucket, use_top_p=use_top_p, greedy=False
+        )
+        return dataclasses.replace(self.state, sampling=sampling)
+
+    def admit(self) -> None:
+        """Fill free slots: rows of admitted requests first, then waiting requests."""
+        free = [s for s in range(self.slots) if s not in self.running]
+        while free:
+            row = self.next_row()
+            if row is None:
+                return
+            if row.job.cancelled:
+                self.finish(row, "stop", notify=False)
+                continue
+            if row.job.max_tokens == 0:  # only the prompt: its echo, and its scores if asked
+                self.finish(row, "length")
+                continue
+            self.insert(row, free.pop(0))
+
+    def next_row(self) -> Row | None:
+        if self.pending:
+            return self.pending.popleft()
+        with self.condition:
+            if not self.waiting:
+                return None
+            job = self.waiting.popleft()
+            self.metrics.waiting.set(len(self.waiting))
+        if not job.cancelled:
+            self.prefill(job)
+        self.pending.extend(job.rows)
+        return self.pending.popleft()
+
+    def prefill(self, job: Job) -> None:
+        """Each prompt of a job through the model, once for all its rows."""
+        for prompt in job.prompts:
+            bucket = prompt_bucket(len(prompt.tokens), self.block_size)
+            tokens = np.zeros((MIN_ROWS, bucket), np.int32)  # the prompt beside a copy of itself
+            tokens[:, : len(prompt.tokens)] = prompt.tokens
+            lengths = np.full((MIN_ROWS,), len(prompt.tokens), np.int32)
+            if job.echo and job.logprobs is not None:
+                scored = self.engine.prefill(tokens, lengths, prompt_logprobs=MAX_LOGPROBS)
+                n = len(prompt.tokens)
+                prompt.scores = (
+                    to_host(scored.token_logprobs)[0, :n].tolist(),
+                    to_host(scored.top_ids)[0, :n].tolist(),
+                    to_host(scored.top_logprobs)[0, :n].tolist(),
+                )
+            if job.max_tokens > 0:
+                prompt.prefilled = scoreless(self.engine.prefill(tokens, lengths))
+
+    def insert(self, row: Row, slot: int) -> None:
+        job, settings = row.job, row.job.sampling
+        sampling = SamplingParams.create(
+            settings["temperature"],
+            settings["top_k"] or None,
+            settings["top_p"],
+            settings["min_p"],
+            self.tokenizer.vocab_size,
+        )
+        self.state = self.engine.insert(
+            self.state,
+            row.prompt.prefilled,
+            0,
+            slot,
+            job.seed,
+            row.sample,
+            sampling,
+            job.max_tokens,
+        )
+        row.prompt.waiting_rows -= 1
+        if row.prompt.waiting_rows == 0:
+            row.prompt.prefilled = None  # the device memory goes with it
+        row.slot = slot
+        self.running[slot] = row
+        self.metrics.running.set(len(self.running))
+
+    def step(self) -> None:
+        """K decode steps for every slot, then each running row's new tokens to its client."""
+        rows = list(self.running.values())
+        top_k = max(r.job.sampling["top_k"] for r in rows)
+        top_k_bucket = 0 if not top_k else next(b for b in self.top_k_buckets() if b >= top_k)
+        use_top_p = any(r.job.sampling["top_p"] < 1.0 for r in rows)
+        logprobs = MAX_LOGPROBS if any(r.job.logprobs is not None for r in rows) else 0
+        self.state = self.with_variant(top_k_bucket, use_top_p)
+        self.state, out = self.engine.decode(self.state, self.stop_ids, self.decode_steps, logprobs)
+        tokens, done = to_host(out.tokens), to_host(self.state.done)
+        bad = to_host(self.state.bad_logits)
+        if logprobs:
+            chosen, top_ids = to_host(out.logprobs), to_host(out.top_ids)
+            top_logprobs = to_host(out.top_logprobs)
+        now = time.perf_counter()
+        free = np.zeros(self.slots, bool)
+        for slot, row in list(self.running.items()):
+            drawn = tokens[slot] != FILL
+            new = tokens[slot][drawn].tolist()
+            if row.job.cancelled:
+                self.finish(row, "stop", notify=False)
+                free[slot] = not done[slot]
+                continue
+            if bad[slot]:
+                row.job.notify(("error", "the model produced NaN or infinite logits"))
+                row.job.cancelled = True
+                self.finish(row, "stop", notify=False)
+                free[slot] = not done[slot]
+                continue
+            row.tokens += new
+            if logprobs:
+                row.logprobs += chosen[slot][drawn].tolist()
+                row.top += [
+                    list(zip(ids, lps, strict=True))
+                    for ids, lps in zip(
+                        top_ids[slot][drawn].tolist(),
+                        top_logprobs[slot][drawn].tolist(),
+                        strict=True,
+                    )
+                ]
+            self.observe(row, len(new), now)
+            reason = None
+            if done[slot]:
+                ended_on_stop_id = row.tokens and row.tokens[-1] == self.tokenizer.eot_id
+                reason = "stop" if ended_on_stop_id else "length"
+            if self.cut_at_stop_string(row):
+                reason, free[slot] = "stop", not done[slot]
+            self.deliver(row, reason)
+        if free.any():
+            self.state = self.engine.release(self.state, free)
+        self.metrics.programs.set(self.engine.compile_count)
+
+    def observe(self, row: Row, count: int, now: float) -> None:
+        if not count:
+            return
+        job = row.job
+        if job.first_token is None:
+            job.first_token = now
+            self.metrics.ttft.observe(now - job.arrived)
+        if row.last_delivery is not None:
+            for _ in range(count):
+                self.metrics.itl.observe((now - row.last_delivery) / count)
+        row.last_delivery = now
+        self.metrics.tokens.inc(count)
+
+    # ------------------------------------------------------------------ tokens to text
+
+    def cut_at_stop_string(self, row: Row) -> bool:
+        """Whether a stop string has appeared; if so the row's tokens end with the one that
+        completed it (the text is cut before the stop, as OpenAI returns it)."""
+        stops = row.job.stops
+        if not stops or not any(s in self.tokenizer.decode(row.tokens) for s in stops):
+            return False
+        for n in range(max(1, row.sent_tokens), len(row.tokens) + 1):
+            if any(s in self.tokenizer.decode(row.tokens[:n]) for s in stops):
+                del row.tokens[n:], row.logprobs[n:], row.top[n:]
+                return True
+        return False
+
+    def completion_text(self, row: Row, final: bool) -> tuple[str, int]:
+        """(the text that may go out now, tokens it covers). Held back while unfinished: a
+        character whose bytes are not all there, and an end that may begin a stop string."""
+        tokens = row.tokens
+        if tokens and tokens[-1] == self.tokenizer.eot_id:
+            tokens = tokens[:-1]  # counted, never shown
+        text = self.tokenizer.decode(tokens)
+        stops = row.job.stops
+        if final:
+            cuts = [text.find(s) for s in stops if s in text]
+            return (text[: min(cuts)] if cuts else text), len(row.tokens)
+        for count in range(len(tokens), row.sent_tokens - 1, -1):
+            text = self.tokenizer.decode(tokens[:count])
+            unfinished = text.endswith("\ufffd") or any(
+                text.endswith(s[:i]) for s in stops for i in range(1, len(s))
+            )
+            if not unfinished:
+                return text, count
+        return row.sent_text, row.sent_tokens
+
+    def deliver(self, row: Row, finish_reason: str | None) -> None:
+        text, count = self.completion_text(row, final=finish_reason is not None)
+        piece = text[len(row.sent_text) :] if text.startswith(row.sent_text) else ""
+        first, last = row.sent_tokens, count
+        row.sent_text, row.sent_tokens = text, count
+        if piece or finish_reason or last > first:
+            ids, lps, top = row.tokens[first:last], row.logprobs[first:last], row.top[first:last]
+            row.job.notify(("piece", Piece(row.index, piece, ids, lps, top, finish_reason)))
+        if finish_reason:
+            self.finish(row, finish_reason)
+
+    def finish(self, row: Row, reason: str, notify: bool = True) -> None:
+        row.finish_reason = reason
+        if row.slot is not None:
+            del self.running[row.slot]
+            row.slot = None
+            self.metrics.running.set(len(self.running))
+        elif notify:  # never ran (max_tokens 0): its only piece is the end
+            row.job.notify(("piece", Piece(row.index, "", [], [], [], reason)))
+        job = row.job
+        if job.finished:
+            if not job.cancelled:
+                job.notify(("done",))
+            self.log_job(job)
+
+    def log_job(self, job: Job) -> None:
+        tokens = sum(len(r.tokens) for r in job.rows)
+        elapsed = time.perf_counter() - job.arrived
+        ttft = f"{job.first_token - job.arrived:.3f}" if job.first_token else "-"
+        status = "cancelled" if job.cancelled else "done"
+        self.log(
+            f"{job.id} {status}: prompt {sum(p.given_tokens for p in job.prompts)} tokens, "
+            f"completion {tokens} tokens, ttft {ttft} s, {tokens / max(elapsed, 1e-9):.1f} tok/s"
+        )
+
+
+def scoreless(prefilled: Prefilled) -> Prefilled:
+    """The prefilled rows without prompt scores: one insert program serves both kinds."""
+    n = prefilled.lengths.shape[0]
+    return dataclasses.replace(
+        prefilled,
+        token_logprobs=jnp.zeros((n, 0), jnp.float32),
+        top_ids=jnp.zeros((n, 0, 0), jnp.int32),
+        top_logprobs=jnp.zeros((n, 0, 0), jnp.float32),
+    )
