@@ -117,9 +117,11 @@ class CausalSelfAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(config.dropout)
         self.resid_dropout = nnx.Dropout(config.dropout)
 
-    def __call__(self, x, mask, kv=None, index=None, rngs=None):
+    def __call__(self, x, mask, kv=None, index=None, rngs=None, filled=None, block=0):
         """x: (B, T, C); mask: (B, 1, T, T or S); kv: this layer's cached (k, v) or None;
-        index: () or (B,) slot of each row's first token in the cache.
+        index: () or (B,) slot of each row's first token in the cache. filled: (B,) slots each
+        row may see, for a one-token step that reads the cache in blocks of `block` slots only
+        as far as the longest row (see `attend_filled`).
 
         Attention runs in the cache's layout: heads folded into the batch, (B*H, ...), or not.
         """
@@ -135,6 +137,10 @@ class CausalSelfAttention(nnx.Module):
             k = write_rows(kv[0], k.astype(kv[0].dtype), index)
             v = write_rows(kv[1], v.astype(kv[1].dtype), index)
             kv = (k, v)  # 2 x (B*H, S, D) or (B, H, S, D)
+            if filled is not None:
+                y = attend_filled(q, k, v, filled, block).astype(x.dtype)  # like q
+                y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
+                return self.c_proj(y), kv
         att = jnp.einsum("...td,...sd->...ts", q, k.astype(q.dtype)) / math.sqrt(D)
         # softmax in float32; masked entries get the most negative finite value, not -inf, so a
         # row with nothing to attend to (a padding slot) stays finite
@@ -146,6 +152,43 @@ class CausalSelfAttention(nnx.Module):
         y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble heads
         y = self.resid_dropout(self.c_proj(y), deterministic=rngs is None, rngs=rngs)
         return y, kv
+
+
+def attend_filled(q, k, v, filled, block: int):
+    """One query per row against its cache, read block by block only as far as the longest
+    row has filled it: a softmax carried across blocks (running maximum, sum and output).
+
+    q: (B*H, 1, D) or (B, H, 1, D); k, v: (B*H, S, D) or (B, H, S, D), S a multiple of
+    `block`; filled: (B,) slots each row may see. A block past a row's own length adds exactly
+    nothing to it (its weights are exp(-huge) = 0), so a row's result does not depend on how
+    far the other rows reach.
+    """
+    rows = q.shape[0]
+    per_row = jnp.repeat(filled, rows // filled.shape[0]) if q.ndim == 3 else filled
+    per_row = per_row.reshape(per_row.shape + (1,) * (q.ndim - 1))  # against (.., 1, block)
+    scale = math.sqrt(q.shape[-1])
+    lowest = jnp.finfo(jnp.float32).min
+    blocks = (jnp.max(filled) + block - 1) // block
+    query = q.astype(jnp.float32)  # small products: float32 runs them fastest on a CPU
+
+    def add_block(i, carry):
+        peak, total, out = carry  # (.., 1, 1), (.., 1, 1), (.., 1, D)
+        keys = jax.lax.dynamic_slice_in_dim(k, i * block, block, axis=-2)
+        values = jax.lax.dynamic_slice_in_dim(v, i * block, block, axis=-2)
+        scores = jnp.einsum("...td,...sd->...ts", query, keys.astype(jnp.float32)) / scale
+        slots = i * block + jnp.arange(block)
+        scores = jnp.where(slots < per_row, scores, lowest)  # (.., 1, block)
+        new_peak = jnp.maximum(peak, jnp.max(scores, axis=-1, keepdims=True))
+        weights = jnp.exp(scores - new_peak)
+        rescale = jnp.exp(peak - new_peak)
+        total = total * rescale + jnp.sum(weights, axis=-1, keepdims=True)
+        out = out * rescale + jnp.einsum("...ts,...sd->...td", weights, values.astype(jnp.float32))
+        return new_peak, total, out
+
+    shape = q.shape[:-1] + (1,)
+    start = (jnp.full(shape, lowest), jnp.zeros(shape), jnp.zeros(q.shape, jnp.float32))  # f32
+    _, total, out = jax.lax.fori_loop(0, blocks, add_block, start)
+    return out / total
 
 
 class MLP(nnx.Module):
@@ -174,8 +217,8 @@ class Block(nnx.Module):
         self.ln_2 = nnx.LayerNorm(config.n_embd, **norm)
         self.mlp = MLP(config, **layer)
 
-    def __call__(self, x, mask, kv=None, index=None, rngs=None):
-        y, kv = self.attn(self.ln_1(x), mask, kv, index, rngs)
+    def __call__(self, x, mask, kv=None, index=None, rngs=None, filled=None, block=0):
+        y, kv = self.attn(self.ln_1(x), mask, kv, index, rngs, filled, block)
         x = x + y
         x = x + self.mlp(self.ln_2(x), rngs)
         return x, kv
@@ -219,6 +262,7 @@ class GPT(nnx.Module):
         last: jax.Array | None = None,
         last_only: bool = False,
         rngs: nnx.Rngs | None = None,
+        block: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Float32 logits (B, T, V), and the cache with these tokens added (None without one).
 
@@ -228,7 +272,9 @@ class GPT(nnx.Module):
         are clamped: only a row that has outgrown its window gets there, and its logits are
         not used).
         last: (B,) logits of that position of each row only, (B, 1, V); last_only: of the
-        last position. Dropout runs only when `rngs` is given (training).
+        last position. Dropout runs only when `rngs` is given (training). block: a one-token
+        step reads the cache in blocks of this many slots, only as far as its longest row
+        (0: every slot; see `attend_filled`).
         """
         B, T = tokens.shape
         if cache is not None:
@@ -250,8 +296,10 @@ class GPT(nnx.Module):
                 x, _ = block(x, mask, rngs=rngs)
         else:
             new_k, new_v = [], []
-            for block, k, v in zip(self.h, cache.k, cache.v, strict=True):
-                x, (k, v) = block(x, mask, (k, v), cache.lengths, rngs)
+            blockwise = block and T == 1 and cache.num_slots % block == 0
+            filled = cache.lengths + 1 if blockwise else None  # slots up to the new token
+            for layer, k, v in zip(self.h, cache.k, cache.v, strict=True):
+                x, (k, v) = layer(x, mask, (k, v), cache.lengths, rngs, filled, block)
                 new_k.append(k)
                 new_v.append(v)
             cache = KVCache(new_k, new_v, cache.lengths + T)

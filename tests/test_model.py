@@ -118,3 +118,33 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert model.h[0].mlp.c_fc.weight[...].dtype == jnp.float32
     logits, _ = model(jnp.arange(8)[None])
     assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("layout", ["folded", "heads"])
+def test_reading_the_cache_in_blocks_equals_reading_it_whole(layout):
+    """attend_filled against the plain masked softmax: rows filled to 1, 63, 64, 65 and 130 of
+    192 slots (block edges on both sides), and the same rows beside a longer one, bit for bit."""
+    from nanogpt_jax.model import attend_filled
+
+    B, H, S, D = 5, 3, 192, 16
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(keys[0], (B, H, 1, D))
+    k = jax.random.normal(keys[1], (B, H, S, D))
+    v = jax.random.normal(keys[2], (B, H, S, D))
+    filled = jnp.array([1, 63, 64, 65, 130])
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(D)
+    visible = jnp.arange(S)[None, None, None, :] < filled[:, None, None, None]
+    weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    expected = jnp.einsum("bhts,bhsd->bhtd", weights, v)
+
+    def blocks(filled):
+        if layout == "heads":
+            return attend_filled(q, k, v, filled, 64)
+        folded = [t.reshape(B * H, *t.shape[2:]) for t in (q, k, v)]
+        return attend_filled(*folded, filled, 64).reshape(B, H, 1, D)
+
+    got = blocks(filled)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # a longer row beside them makes every row read more blocks: no row's result changes
+    longer = blocks(filled.at[0].set(190))
+    np.testing.assert_array_equal(longer[1:], got[1:])
