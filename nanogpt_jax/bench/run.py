@@ -66,7 +66,7 @@ class Settings:
     threads: int | None = None  # torch's CPU threads (XLA's are set before JAX starts)
     check_steps: int = 32
     seed: int = 0
-    max_seconds: float | None = None  # skip or shorten runs estimated to take longer
+    max_seconds: float | None = None  # skip or shorten no-cache runs estimated to take longer
     strict: bool = True  # stop before timing when implementations disagree
     mesh: str | None = None  # e.g. data:4,model:2: also time `jax-mesh` on that many devices
     profile: bool = False  # trace one more run of each cell: where a step's time goes
@@ -442,12 +442,13 @@ def time_runs(impl, prompts, num_new: int, settings: Settings) -> dict:
     first_ttft, _ = run(1)  # a warm-up (compiles the one-token programs)
     ttfts = [run(1)[0] for _ in range(settings.repeats)]
     ttft = statistics.median(ttfts)
-    # a rough estimate: a cached step costs at most a prompt's forward pass; without a cache
-    # the cost of a step grows with its context
-    growth = (prompt_len + (num_new - 1) / 2) / prompt_len if impl.recomputes else 1.0
+    # without a cache every step is a forward pass over the context, which grows: roughly
+    # the first token's time, scaled. (A cached step costs far less than a long prompt's
+    # prefill, so no such estimate holds for cached implementations: they always run.)
+    growth = (prompt_len + (num_new - 1) / 2) / prompt_len
     estimate = ttft * num_new * growth
     repeats = settings.repeats
-    if settings.max_seconds is not None:
+    if settings.max_seconds is not None and impl.recomputes:
         if estimate > settings.max_seconds:
             return {"skipped": f"estimated {estimate:.0f} s > max_seconds={settings.max_seconds}"}
         repeats = max(1, min(repeats, int(settings.max_seconds // estimate) - 1))

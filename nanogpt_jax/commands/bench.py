@@ -45,7 +45,9 @@ class BenchFlags:
     threads: int | None = flag(None, "CPU threads of every implementation (default: all cores)")
     check_steps: int = flag(32, "greedy steps that must agree before anything is timed")
     seed: int = flag(0, "weights of a random shape, and the prompts")
-    max_seconds: float | None = flag(None, "skip or shorten runs estimated to take longer")
+    max_seconds: float | None = flag(
+        None, "skip or shorten runs of the no-cache implementations estimated to take longer"
+    )
     strict: bool = flag(True, "False: time disagreeing implementations anyway, flagged")
     out: str = flag("bench-out", "directory for results.json, results.csv, throughput.png")
     # on CPU, several devices come from XLA_FLAGS=--xla_force_host_platform_device_count=8

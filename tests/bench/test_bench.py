@@ -246,3 +246,25 @@ def test_bench_races_torch_fast_and_hf_static_sampled_too(tmp_path):
     with open(out / "results.csv") as f:
         jax_rows = [r for r in csv.DictReader(f) if r["impl"] == "jax"]
     assert all(r["best_pytorch"] in ("torch-fast", "hf-static") for r in jax_rows)
+
+
+def test_max_seconds_skips_only_no_cache_runs():
+    """A cached implementation's time cannot be told from its first token (a long prompt's
+    prefill costs far more than a step): only the no-cache ones are estimated and skipped."""
+    from nanogpt_jax.bench.implementations import Implementation
+    from nanogpt_jax.bench.run import Settings, time_runs
+
+    class Instant(Implementation):
+        name, compile_seconds = "instant", 0.0
+
+        def __init__(self, recomputes: bool):
+            self.recomputes = recomputes
+
+        def generate(self, prompts, num_new):
+            return np.zeros((prompts.shape[0], num_new), np.int64)
+
+    prompts = np.zeros((1, 4), np.int64)
+    settings = Settings(repeats=1, max_seconds=1e-12)
+    assert "max_seconds" in time_runs(Instant(recomputes=True), prompts, 8, settings)["skipped"]
+    row = time_runs(Instant(recomputes=False), prompts, 8, settings)
+    assert "skipped" not in row and row["tok_s"] > 0
