@@ -42,10 +42,16 @@ class Prompt:
     tokens: list[int]  # as the model sees them: cropped to block_size
     text: str  # as echoed back
     given_tokens: int  # before cropping (what usage counts)
+    job: Job | None = None
     prefilled: Prefilled | None = None  # on the device while rows still wait for a slot
+    prefilled_row: int = 0  # its row in `prefilled` (prompts are prefilled in pairs)
     waiting_rows: int = 0
     # with echo and logprobs: per prompt token, its log-probability and the likeliest others
     scores: tuple | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self.job.scored
 
 
 @dataclasses.dataclass
@@ -93,7 +99,12 @@ class Job:
             for j in range(self.n)
         ]
         for prompt in self.prompts:
-            prompt.waiting_rows = self.n
+            prompt.job, prompt.waiting_rows = self, self.n
+
+    @property
+    def scored(self) -> bool:
+        """Its prompts' tokens are to be scored (echo with logprobs)."""
+        return self.echo and self.logprobs is not None
 
     @property
     def finished(self) -> bool:
@@ -249,35 +260,56 @@ class Scheduler:
             self.insert(row, free.pop(0))
 
     def next_row(self) -> Row | None:
-        if self.pending:
-            return self.pending.popleft()
-        with self.condition:
-            if not self.waiting:
-                return None
-            job = self.waiting.popleft()
-            self.metrics.waiting.set(len(self.waiting))
-        if not job.cancelled:
-            self.prefill(job)
-        self.pending.extend(job.rows)
-        return self.pending.popleft()
+        if not self.pending:
+            jobs = self.take_waiting(self.slots - len(self.running))
+            prompts = [p for job in jobs if not job.cancelled for p in job.prompts]
+            self.prefill(prompts)
+            for job in jobs:
+                self.pending.extend(job.rows)
+        return self.pending.popleft() if self.pending else None
 
-    def prefill(self, job: Job) -> None:
-        """Each prompt of a job through the model, once for all its rows."""
-        for prompt in job.prompts:
+    def take_waiting(self, free: int) -> list[Job]:
+        """Waiting jobs, oldest first, as many as the free slots hold (at least one)."""
+        jobs, rows = [], 0
+        with self.condition:
+            while self.waiting and (not jobs or rows + len(self.waiting[0].rows) <= free):
+                jobs.append(self.waiting.popleft())
+                rows += len(jobs[-1].rows)
+            self.metrics.waiting.set(len(self.waiting))
+        return jobs
+
+    def prefill(self, prompts: list[Prompt]) -> None:
+        """Prompts through the model two at a time, prompts of one bucket together (every
+        program runs two rows or more; a prompt without a partner goes beside a copy of
+        itself), once for all the rows of each."""
+        groups: dict[tuple, list[Prompt]] = {}
+        for prompt in prompts:
+            if prompt.job.max_tokens == 0 and not prompt.scored:
+                continue  # nothing to compute: only its echo
             bucket = prompt_bucket(len(prompt.tokens), self.block_size)
-            tokens = np.zeros((MIN_ROWS, bucket), np.int32)  # the prompt beside a copy of itself
-            tokens[:, : len(prompt.tokens)] = prompt.tokens
-            lengths = np.full((MIN_ROWS,), len(prompt.tokens), np.int32)
-            if job.echo and job.logprobs is not None:
-                scored = self.engine.prefill(tokens, lengths, prompt_logprobs=MAX_LOGPROBS)
-                n = len(prompt.tokens)
-                prompt.scores = (
-                    to_host(scored.token_logprobs)[0, :n].tolist(),
-                    to_host(scored.top_ids)[0, :n].tolist(),
-                    to_host(scored.top_logprobs)[0, :n].tolist(),
+            groups.setdefault((bucket, prompt.scored), []).append(prompt)
+        for (bucket, scored), group in groups.items():
+            for pair in (group[i : i + MIN_ROWS] for i in range(0, len(group), MIN_ROWS)):
+                members = pair + [pair[0]] * (MIN_ROWS - len(pair))
+                tokens = np.zeros((MIN_ROWS, bucket), np.int32)
+                lengths = np.zeros((MIN_ROWS,), np.int32)
+                for r, prompt in enumerate(members):
+                    tokens[r, : len(prompt.tokens)] = prompt.tokens
+                    lengths[r] = len(prompt.tokens)
+                prefilled = self.engine.prefill(
+                    tokens, lengths, prompt_logprobs=MAX_LOGPROBS if scored else 0
                 )
-            if job.max_tokens > 0:
-                prompt.prefilled = scoreless(self.engine.prefill(tokens, lengths))
+                if scored:  # the prompt's own tokens scored, for its echo
+                    chosen = to_host(prefilled.token_logprobs)
+                    top_ids, top_lps = to_host(prefilled.top_ids), to_host(prefilled.top_logprobs)
+                    for r, prompt in enumerate(pair):
+                        n = len(prompt.tokens)
+                        scores = (chosen[r, :n], top_ids[r, :n], top_lps[r, :n])
+                        prompt.scores = tuple(x.tolist() for x in scores)
+                prefilled = scoreless(prefilled)  # one insert program serves both kinds
+                for r, prompt in enumerate(pair):
+                    if prompt.job.max_tokens > 0:
+                        prompt.prefilled, prompt.prefilled_row = prefilled, r
 
     def insert(self, row: Row, slot: int) -> None:
         job, settings = row.job, row.job.sampling
@@ -291,7 +323,7 @@ class Scheduler:
         self.state = self.engine.insert(
             self.state,
             row.prompt.prefilled,
-            0,
+            row.prompt.prefilled_row,
             slot,
             job.seed,
             row.sample,
