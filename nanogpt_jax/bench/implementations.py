@@ -211,7 +211,7 @@ class TorchMemory:
 
 
 class TorchNanoGPT(TorchMemory, Implementation):
-    name = "torch-nanogpt"
+    name, recomputes = "torch-nanogpt", True
 
     def __init__(self, model, device: str, vocab_size: int, compiled: bool = False):
         import torch

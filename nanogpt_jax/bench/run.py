@@ -434,21 +434,27 @@ def time_runs(impl, prompts, num_new: int, settings: Settings) -> dict:
     compiled_before = impl.compile_seconds
     impl.reset_peak()
 
-    def run(n):
+    def run(n, given=prompts):
         began = time.perf_counter()
-        tokens = impl.generate(prompts, n)
+        tokens = impl.generate(given, n)
         return time.perf_counter() - began, tokens
 
     first_ttft, _ = run(1)  # a warm-up (compiles the one-token programs)
     ttfts = [run(1)[0] for _ in range(settings.repeats)]
     ttft = statistics.median(ttfts)
-    # without a cache every step is a forward pass over the context, which grows: roughly
-    # the first token's time, scaled. (A cached step costs far less than a long prompt's
-    # prefill, so no such estimate holds for cached implementations: they always run.)
-    growth = (prompt_len + (num_new - 1) / 2) / prompt_len
-    estimate = ttft * num_new * growth
     repeats = settings.repeats
     if settings.max_seconds is not None and impl.recomputes:
+        # without a cache every step is a forward pass over the whole context, which grows
+        # from the prompt to P + N - 1 tokens (cropped to block_size by the implementation):
+        # a step timed at both ends, the mean of the two times N. (A cached step costs far
+        # less than a long prompt's prefill: cached implementations are not estimated.)
+        longest = np.concatenate([prompts] * -(-(prompt_len + num_new - 1) // prompt_len), 1)
+        longest = longest[:, : prompt_len + num_new - 1]
+        compiled = impl.compile_seconds
+        run(1, longest)  # a warm-up: compiles where the implementation compiles
+        estimate = num_new * (ttft + run(1, longest)[0]) / 2
+        if compiled is not None:  # that program is not one the timed runs use
+            compiled_before += impl.compile_seconds - compiled
         if estimate > settings.max_seconds:
             return {"skipped": f"estimated {estimate:.0f} s > max_seconds={settings.max_seconds}"}
         repeats = max(1, min(repeats, int(settings.max_seconds // estimate) - 1))

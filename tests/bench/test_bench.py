@@ -268,3 +268,27 @@ def test_max_seconds_skips_only_no_cache_runs():
     assert "max_seconds" in time_runs(Instant(recomputes=True), prompts, 8, settings)["skipped"]
     row = time_runs(Instant(recomputes=False), prompts, 8, settings)
     assert "skipped" not in row and row["tok_s"] > 0
+
+
+def test_max_seconds_estimates_a_no_cache_run_from_its_longest_step():
+    """A no-cache step grows faster than its context (attention is quadratic, and short
+    passes are overhead): the estimate times a step at the longest context too, not only the
+    first. nanoGPT's loop in PyTorch is estimated as well (it once ran unestimated)."""
+    import time
+
+    from nanogpt_jax.bench.implementations import Implementation, TorchNanoGPT
+    from nanogpt_jax.bench.run import Settings, time_runs
+
+    class Quadratic(Implementation):
+        name, compile_seconds, recomputes = "quadratic", 0.0, True
+
+        def generate(self, prompts, num_new):
+            time.sleep(1e-4 * prompts.shape[1] ** 2)
+            return np.zeros((prompts.shape[0], num_new), np.int64)
+
+    # first step >= 1.6 ms, last (11 tokens) >= 12.1 ms: 8 steps >= 55 ms, where scaling the
+    # first step by the context's growth (4 -> 7.5 tokens on average) would say 24 ms
+    prompts = np.zeros((1, 4), np.int64)
+    row = time_runs(Quadratic(), prompts, 8, Settings(repeats=1, max_seconds=0.04))
+    assert "max_seconds" in row["skipped"]
+    assert TorchNanoGPT.recomputes
