@@ -9,7 +9,8 @@ count and sampling settings, so rows that began at different times decode togeth
 
     prefill  prompts (n, P) right-padded -> their keys/values, next-token logits
     start    n prefilled rows -> a new state (one batch, all rows begin together)
-    insert   one prefilled row -> slot s of a running state (a server's new request)
+    insert   one prefilled row -> slot s of a running state (a server's new request),
+             its first token drawn at once; the next decode emits that token first
     decode   every row draws K tokens: [draw -> write -> one-token model step] x K
 
     slot:     0    1    2    3    4    5    6    7    8
@@ -102,6 +103,9 @@ class DecodeState:
     sampling: SamplingParams  # (B,) settings per row
     done: jax.Array  # (B,) bool: row stopped (stop token, max_new reached) or is empty
     bad_logits: jax.Array  # (B,) bool: a row saw NaN or infinite logits
+    # (B,) int32: the row's next token when it was already drawn (by `insert`, so that a
+    # server can send it before the next decode call), FILL when the next draw is to come
+    drawn: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -191,6 +195,7 @@ def start(
         sampling=sampling,
         done=jnp.zeros((n,), bool),
         bad_logits=jnp.zeros((n,), bool),
+        drawn=jnp.full((n,), FILL, jnp.int32),
     )
 
 
@@ -209,13 +214,24 @@ def empty_state(
         sampling=SamplingParams.create(vocab_size=vocab_size).for_rows(B),
         done=jnp.ones((B,), bool),
         bad_logits=jnp.zeros((B,), bool),
+        drawn=jnp.full((B,), FILL, jnp.int32),
     )
 
 
 def insert(
-    state: DecodeState, prefilled: Prefilled, row, slot, key, sampling: SamplingParams, max_new
-) -> DecodeState:
-    """Row `row` of `prefilled` into slot `slot` of a running state, the other rows untouched.
+    state: DecodeState,
+    prefilled: Prefilled,
+    row,
+    slot,
+    key,
+    sampling: SamplingParams,
+    max_new,
+    *,
+    vocab_size: int,
+) -> tuple[DecodeState, jax.Array]:
+    """Row `row` of `prefilled` into slot `slot` of a running state, the other rows untouched,
+    and the row's first token: drawn now, so that it need not wait for the next decode call
+    (which emits it, as it would have drawn it: same logits, same key, same settings).
 
     key: its key stream. sampling: its settings (scalars). The slot's cache is overwritten
     from slot 0 up to the prompt bucket; what lies beyond is past the row's length, unseen.
@@ -235,7 +251,13 @@ def insert(
     window = state.history.shape[1]
     history = prefilled.tokens[row, :window]
     history = jnp.pad(history, (0, window - history.shape[0]))
-    return DecodeState(
+    # every filter on, whatever the row uses: each leaves a row it does not apply to as is
+    any_settings = dataclasses.replace(
+        sampling, top_k_bucket=vocab_size, use_top_p=True, greedy=False
+    )
+    logits = prefilled.logits[row][None, :vocab_size]
+    first = sample(logits, jax.random.fold_in(key, 0)[None], any_settings)[0]  # step 0
+    state = DecodeState(
         logits=set_row(state.logits, prefilled.logits[row]),
         cache=KVCache(
             k=[put(b, r) for b, r in zip(state.cache.k, prefilled.k, strict=True)],
@@ -255,7 +277,9 @@ def insert(
         ),
         done=set_row(state.done, False),
         bad_logits=set_row(state.bad_logits, False),
+        drawn=set_row(state.drawn, first),
     )
+    return state, first
 
 
 def release(state: DecodeState, free) -> DecodeState:
@@ -291,6 +315,7 @@ def decode(
         # row r's stream, its t-th token: fold_in(fold_in(key(seed), r), t)
         keys = jax.vmap(jax.random.fold_in)(state.keys, state.step)
         drawn = sample(state.logits[:, :vocab_size], keys, state.sampling)
+        drawn = jnp.where(state.drawn != FILL, state.drawn, drawn)  # drawn by `insert`
         token = jnp.where(state.done, FILL, drawn)  # (B,)
         bad = ~state.done & ~jnp.all(jnp.isfinite(state.logits), axis=-1)
         done = state.done | jnp.isin(token, stop_ids) | (state.step + 1 >= state.max_new)
@@ -319,6 +344,7 @@ def decode(
             step=state.step + 1,
             done=done,
             bad_logits=state.bad_logits | bad,
+            drawn=jnp.full_like(state.drawn, FILL),
         )
         return token, state, out
 
@@ -512,8 +538,9 @@ class Engine:
         self, state, prefilled, row: int, slot: int, seed: int, row_id: int, sampling, max_new
     ):
         """Row `row` of `prefilled` into slot `slot`, drawing from key stream `row_id` of
-        `seed`. Compiled once per prompt bucket: the settings' static switches are left out
-        (they belong to the decode program), so are the state's."""
+        `seed`: (the state, the row's first token). Compiled once per prompt bucket: the
+        settings' static switches are left out (they belong to the decode program), so are
+        the state's."""
         key = row_keys(jnp.int32(seed), jnp.int32([row_id]))[0]
         sampling = neutral(sampling)
         state = dataclasses.replace(state, sampling=neutral(state.sampling))
@@ -526,7 +553,8 @@ class Engine:
             sampling,
             jnp.int32(max_new),
         )
-        return self.compiled("insert", insert, {}, ("state",), *args)(*args)
+        static = dict(vocab_size=self.vocab_size)
+        return self.compiled("insert", insert, static, ("state",), *args)(*args)
 
     def release(self, state, free) -> DecodeState:
         state = dataclasses.replace(state, sampling=neutral(state.sampling))

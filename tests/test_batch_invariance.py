@@ -3,6 +3,8 @@ what lets a server promise that a seeded request gives the same text alone or un
 (On XLA:CPU this needs reductions kept out of the YNNPACK library and at least two rows per
 product; see "Batch invariance" in nanogpt_jax.engine.)"""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +77,45 @@ def test_a_sample_is_the_same_whatever_else_is_drawn_beside_it(bundle):
     crowd = bundle.generate([prompt, prompt, *others], **options)
     np.testing.assert_array_equal(crowd.tokens[:2, : pair.tokens.shape[1]], pair.tokens)
     assert len(set(pair.tokens[0, 12:].tolist())) > 10
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.0),
+        dict(temperature=1.0),
+        dict(temperature=0.9, top_k=5),
+        dict(temperature=1.0, top_p=0.8),
+        dict(temperature=1.3, min_p=0.2),
+    ],
+)
+def test_a_row_inserted_into_a_running_state_draws_what_generate_draws(bundle, settings):
+    """The server's path: a prompt prefilled beside another, inserted into slot 2 of four,
+    its first token drawn on insertion. That token and the ones the decode calls draw after
+    it are sample 1 of `generate` with the same seed."""
+    prompt = list(range(30, 42))
+    expected = bundle.generate([prompt, prompt], max_new_tokens=24, seed=5, **settings)
+    expected = expected.tokens[1, len(prompt) : len(prompt) + 24].tolist()
+    engine = engine_of(bundle)
+    tokens = np.zeros((2, 16), np.int32)
+    tokens[0, :12], tokens[1, :5] = prompt, prompt[:5]
+    prefilled = engine.prefill(tokens, np.array([12, 5], np.int32))
+    sampling = SamplingParams.create(**settings, vocab_size=512)
+    state = engine.empty(4, 64, 0)
+    state, first = engine.insert(state, prefilled, 0, 2, 5, 1, sampling, 24)
+    state = dataclasses.replace(
+        state,
+        sampling=dataclasses.replace(
+            state.sampling,
+            top_k_bucket=sampling.top_k_bucket,
+            use_top_p=sampling.use_top_p,
+            greedy=False,
+        ),
+    )
+    drawn = []
+    for _ in range(4):
+        state, out = engine.decode(state, jnp.array([FILL]), 8)
+        drawn += [t for t in np.asarray(out.tokens[2]).tolist() if t != FILL]
+    assert int(first) == drawn[0]
+    assert drawn == expected
+    assert np.all(np.asarray(state.done))

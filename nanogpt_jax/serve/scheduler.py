@@ -1,8 +1,9 @@
 """Continuous batching: requests come and go in a fixed set of decode slots.
 
     HTTP handlers (event loop)              scheduler thread (the only one calling JAX)
-    submit(job) --> waiting jobs --> admit: prefill a prompt once, insert each of its
-                                            rows (its n samples) into a free slot
+    submit(job) --> waiting jobs --> admit: prefill prompts in pairs, shortest first;
+                                            insert each prompt's rows (its n samples)
+                                            into free slots, their first tokens out
                                      decode: K steps for every slot, one compiled program
             <-- events per job <--   text: stop strings, streamed pieces, finished rows;
                                             a finished row frees its slot for the next
@@ -21,7 +22,7 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +71,7 @@ class Row:
     finish_reason: str | None = None
     slot: int | None = None
     last_delivery: float | None = None
+    early: bool = False  # its first token went out on insertion; the next decode repeats it
 
 
 @dataclasses.dataclass
@@ -218,7 +220,7 @@ class Scheduler:
             lengths = np.ones((MIN_ROWS,), np.int32)
             engine.prefill(tokens, lengths, prompt_logprobs=MAX_LOGPROBS)
             prefilled = scoreless(engine.prefill(tokens, lengths))
-            self.state = engine.insert(self.state, prefilled, 0, 0, 0, 0, sampling, 1)
+            self.state, _ = engine.insert(self.state, prefilled, 0, 0, 0, 0, sampling, 1)
         for top_k_bucket in self.top_k_buckets():
             for use_top_p in (False, True):
                 for logprobs in (0, MAX_LOGPROBS):
@@ -245,28 +247,37 @@ class Scheduler:
         return dataclasses.replace(self.state, sampling=sampling)
 
     def admit(self) -> None:
-        """Fill free slots: rows of admitted requests first, then waiting requests."""
+        """Fill free slots: rows of admitted requests first, then waiting requests. Their
+        prompts are prefilled shortest first, and each pair's rows go in (their first tokens
+        out) before the next pair is prefilled: a burst of arrivals is served as it is read."""
         free = [s for s in range(self.slots) if s not in self.running]
-        while free:
-            row = self.next_row()
-            if row is None:
-                return
-            if row.job.cancelled:
-                self.finish(row, "stop", notify=False)
-                continue
-            if row.job.max_tokens == 0:  # only the prompt: its echo, and its scores if asked
-                self.finish(row, "length")
-                continue
-            self.insert(row, free.pop(0))
+        while free and self.pending:
+            self.place(self.pending.popleft(), free)
+        if self.pending or not free:
+            return
+        jobs = self.take_waiting(len(free))
+        computed = [job for job in jobs if not job.cancelled and (job.max_tokens or job.scored)]
+        for prompts in self.prefill([p for job in computed for p in job.prompts]):
+            for prompt in prompts:
+                for row in prompt.job.rows:
+                    if row.prompt is prompt:
+                        self.place(row, free)
+        for job in jobs:
+            if job not in computed:  # cancelled, or nothing to compute
+                for row in job.rows:
+                    self.place(row, free)
 
-    def next_row(self) -> Row | None:
-        if not self.pending:
-            jobs = self.take_waiting(self.slots - len(self.running))
-            prompts = [p for job in jobs if not job.cancelled for p in job.prompts]
-            self.prefill(prompts)
-            for job in jobs:
-                self.pending.extend(job.rows)
-        return self.pending.popleft() if self.pending else None
+    def place(self, row: Row, free: list[int]) -> None:
+        """A row whose prompt is prefilled: into a free slot, else to wait for one."""
+        if row.job.cancelled:
+            self.finish(row, "stop", notify=False)
+            self.used(row.prompt)
+        elif row.job.max_tokens == 0:  # only the prompt: its echo, and its scores if asked
+            self.finish(row, "length")
+        elif free:
+            self.insert(row, free.pop(0))
+        else:
+            self.pending.append(row)
 
     def take_waiting(self, free: int) -> list[Job]:
         """Waiting jobs, oldest first, as many as the free slots hold (at least one)."""
@@ -278,17 +289,15 @@ class Scheduler:
             self.metrics.waiting.set(len(self.waiting))
         return jobs
 
-    def prefill(self, prompts: list[Prompt]) -> None:
-        """Prompts through the model two at a time, prompts of one bucket together (every
-        program runs two rows or more; a prompt without a partner goes beside a copy of
-        itself), once for all the rows of each."""
+    def prefill(self, prompts: list[Prompt]) -> Iterator[list[Prompt]]:
+        """Prompts through the model two at a time, shortest bucket first, prompts of one
+        bucket together (every program runs two rows or more; a prompt without a partner
+        goes beside a copy of itself), once for all the rows of each. Yields each pair."""
         groups: dict[tuple, list[Prompt]] = {}
         for prompt in prompts:
-            if prompt.job.max_tokens == 0 and not prompt.scored:
-                continue  # nothing to compute: only its echo
             bucket = prompt_bucket(len(prompt.tokens), self.block_size)
             groups.setdefault((bucket, prompt.scored), []).append(prompt)
-        for (bucket, scored), group in groups.items():
+        for (bucket, scored), group in sorted(groups.items()):
             for pair in (group[i : i + MIN_ROWS] for i in range(0, len(group), MIN_ROWS)):
                 members = pair + [pair[0]] * (MIN_ROWS - len(pair))
                 tokens = np.zeros((MIN_ROWS, bucket), np.int32)
@@ -310,8 +319,11 @@ class Scheduler:
                 for r, prompt in enumerate(pair):
                     if prompt.job.max_tokens > 0:
                         prompt.prefilled, prompt.prefilled_row = prefilled, r
+                yield pair
 
     def insert(self, row: Row, slot: int) -> None:
+        """The row into a slot, and its first token to its client at once (a request with
+        logprobs gets it, with its log-probabilities, from the next decode call)."""
         job, settings = row.job, row.job.sampling
         sampling = SamplingParams.create(
             settings["temperature"],
@@ -320,7 +332,7 @@ class Scheduler:
             settings["min_p"],
             self.tokenizer.vocab_size,
         )
-        self.state = self.engine.insert(
+        self.state, first = self.engine.insert(
             self.state,
             row.prompt.prefilled,
             row.prompt.prefilled_row,
@@ -330,12 +342,26 @@ class Scheduler:
             sampling,
             job.max_tokens,
         )
-        row.prompt.waiting_rows -= 1
-        if row.prompt.waiting_rows == 0:
-            row.prompt.prefilled = None  # the device memory goes with it
+        self.used(row.prompt)
         row.slot = slot
         self.running[slot] = row
         self.metrics.running.set(len(self.running))
+        if job.logprobs is not None:
+            return
+        row.tokens.append(int(to_host(first)))
+        row.early = True
+        self.observe(row, 1, time.perf_counter())
+        if self.cut_at_stop_string(row):
+            self.state = self.engine.release(self.state, np.arange(self.slots) == slot)
+            self.deliver(row, "stop")
+        else:
+            self.deliver(row, None)
+
+    def used(self, prompt: Prompt) -> None:
+        """One more of the prompt's rows needs its prefill no more."""
+        prompt.waiting_rows -= 1
+        if prompt.waiting_rows == 0:
+            prompt.prefilled = None  # the device memory goes with it
 
     def step(self) -> None:
         """K decode steps for every slot, then each running row's new tokens to its client."""
@@ -356,6 +382,10 @@ class Scheduler:
         for slot, row in list(self.running.items()):
             drawn = tokens[slot] != FILL
             new = tokens[slot][drawn].tolist()
+            if row.early and new:  # the first token, already sent when the row went in
+                if new[0] != row.tokens[0]:
+                    raise RuntimeError(f"slot {slot} drew {new[0]}, not {row.tokens[0]}")
+                new, row.early = new[1:], False
             if row.job.cancelled:
                 self.finish(row, "stop", notify=False)
                 free[slot] = not done[slot]

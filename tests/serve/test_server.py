@@ -79,6 +79,14 @@ class Server:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=60)
 
+    def wait_for(self, name: str, value: float, seconds: float = 30) -> float:
+        """The metric once it reaches `value` (a request's rows go in one by one, its first
+        token out with the first), or what it is after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while self.metric(name) < value and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.metric(name)
+
 
 @pytest.fixture(scope="module")
 def served(gpt2_checkpoint):
@@ -385,7 +393,7 @@ def test_a_client_that_disconnects_frees_its_slots(served):
         model="tiny", prompt="Go on", max_tokens=5000, n=4, stream=True, temperature=1.0
     )
     next(iter(stream))
-    assert server.metric("nanogpt_requests_running") == 4
+    assert server.wait_for("nanogpt_requests_running", 4) == 4
     stream.close()
     deadline = time.monotonic() + 30
     while server.metric("nanogpt_requests_running") and time.monotonic() < deadline:
@@ -401,7 +409,8 @@ def test_a_full_queue_is_a_503_at_once_and_sigterm_finishes_what_runs(gpt2_check
     long = dict(model="tiny", prompt="Go", max_tokens=400, temperature=1.0)
     try:
         running = server.client.completions.create(**long, n=4, stream=True)
-        first = next(iter(running))  # every slot busy
+        first = next(iter(running))
+        assert server.wait_for("nanogpt_requests_running", 4) == 4  # every slot busy
         waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
             server.client.completions.create, **long
         )
