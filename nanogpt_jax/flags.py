@@ -124,3 +124,18 @@ def print_help(flags_class, usage: str) -> None:
         default = field.default if field.default is not dataclasses.MISSING else "(required)"
         note = field.metadata.get("help", "")
         print(f"  --{field.name.rstrip('_')}={default!r}  {note}".rstrip())
+
+
+def number_list(name: str, text: str, kind=int, blanks: bool = False) -> tuple:
+    """A comma-list flag's positive numbers (`kind` int or float). blanks: empty items are
+    skipped, and so the list may be empty."""
+    what = "integers" if kind is int else "numbers"
+    message = f"--{name} must be positive {what}, comma-separated: {text!r}"
+    parts = [part for part in text.split(",") if part.strip() or not blanks]
+    try:
+        values = tuple(kind(part) for part in parts)
+    except ValueError:
+        raise UserError(message) from None
+    if (not values and not blanks) or any(v <= 0 for v in values):
+        raise UserError(message)
+    return values

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nanogpt_jax.commands import run, select_platform
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.flags import flag, parse_flags
+from nanogpt_jax.flags import flag, number_list, parse_flags
 
 
 @dataclass
@@ -92,12 +92,12 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     settings = Settings(
         model=flags.model,
-        batch_sizes=int_list("batch_sizes", flags.batch_sizes),
-        prompt_lens=int_list(
+        batch_sizes=number_list("batch_sizes", flags.batch_sizes),
+        prompt_lens=number_list(
             "prompt_lens" if flags.prompt_lens else "prompt_len",
             flags.prompt_lens or flags.prompt_len,
         ),
-        new_tokens=int_list("new_tokens", flags.new_tokens),
+        new_tokens=number_list("new_tokens", flags.new_tokens),
         repeats=flags.repeats,
         impls=impl_list(flags.impls, bench_impls),
         device=flags.device,
@@ -130,16 +130,6 @@ def main(argv: list[str]) -> None:
             f"implementations disagree on greedy tokens: {report['agreement']['impls']} "
             f"(see {out}/results.json)"
         )
-
-
-def int_list(name: str, text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UserError(f"--{name} must be positive integers, comma-separated: {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"--{name} must be positive integers, comma-separated: {text!r}")
-    return values
 
 
 def impl_list(text: str | None, bench_impls) -> tuple[str, ...]:

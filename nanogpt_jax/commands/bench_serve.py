@@ -18,7 +18,7 @@ from pathlib import Path
 from nanogpt_jax.commands import run
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.extras import require
-from nanogpt_jax.flags import flag, parse_flags
+from nanogpt_jax.flags import flag, number_list, parse_flags
 
 
 @dataclass
@@ -37,26 +37,16 @@ class BenchServeFlags:
     out: str = flag("bench-serve-out", "directory for serve-results.json and serve-load.png")
 
 
-def numbers(name: str, text: str, kind=int) -> tuple:
-    try:
-        values = tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"--{name}: expected a comma list of numbers, got {text!r}") from None
-    if any(v <= 0 for v in values):
-        raise UserError(f"--{name}: every value must be positive")
-    return values
-
-
 def main(argv: list[str]) -> None:
     from nanogpt_jax.bench import serve_load
 
     flags = parse_flags(BenchServeFlags, argv, usage="usage: python scripts/bench_serve.py")
     load = serve_load.Load(
         url=flags.url.rstrip("/"),
-        concurrency=numbers("concurrency", flags.concurrency),
-        rates=numbers("rates", flags.rates, float),
+        concurrency=number_list("concurrency", flags.concurrency, blanks=True),
+        rates=number_list("rates", flags.rates, float, blanks=True),
         requests=flags.requests,
-        prompt_lens=numbers("prompt_lens", flags.prompt_lens),
+        prompt_lens=number_list("prompt_lens", flags.prompt_lens, blanks=True),
         max_tokens=flags.max_tokens,
         temperature=flags.temperature,
         seed=flags.seed,
