@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from nanogpt_jax.checkpoint import write_text_atomic
 from nanogpt_jax.extras import require
 
 COLUMNS = (
@@ -90,7 +91,7 @@ def with_headline(rows: list[dict], headline: list[dict]) -> list[dict]:
 
 def write_results(out_dir: Path, report: dict) -> None:
     """results.json (everything) and results.csv (the rows), rewritten after every row."""
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out_dir / "results.json", json.dumps(report, indent=1) + "\n")
     rows = with_headline(report["results"], report.get("headline", []))
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

@@ -20,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+from nanogpt_jax.checkpoint import write_text_atomic
 from nanogpt_jax.extras import require
 
 
@@ -195,7 +196,7 @@ def format_table(report: dict) -> str:
 
 def write_results(out_dir: Path, report: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "serve-results.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out_dir / "serve-results.json", json.dumps(report, indent=1) + "\n")
 
 
 def write_plot(out_dir: Path, report: dict) -> None:
