@@ -11,7 +11,8 @@ count and sampling settings, so rows that began at different times decode togeth
     start    n prefilled rows -> a new state (one batch, all rows begin together)
     insert   one prefilled row -> slot s of a running state (a server's new request),
              its first token drawn at once; the next decode emits that token first
-    decode   every row draws K tokens: [draw -> write -> one-token model step] x K
+    decode   every row draws K tokens: [draw -> write -> one-token model step] x K;
+             or the first rows only, when the others are empty (a server's few requests)
 
     slot:     0    1    2    3    4    5    6    7    8
     row 0:    a    b    c    d  | <- its next token goes here (lengths[0] = 4)
@@ -297,6 +298,7 @@ def decode(
     vocab_size: int,
     logprobs: int,
     attend_block: int = 0,
+    rows: int = 0,
 ) -> tuple[DecodeState, Emitted]:
     """Draw up to `num_steps` more tokens for every row (rows that are done only give FILL),
     stopping early once every row is done. num_steps: a power of two.
@@ -304,8 +306,22 @@ def decode(
     stop_ids: (K,) ids that end a row. vocab_size: the tokenizer's; ids of a padded embedding
     beyond it are never drawn. logprobs: L > 0 also returns each token's log-probability and
     the L likeliest alternatives. attend_block: read the cache in blocks of this many slots,
-    only as far as the longest row (0: every slot, every step).
+    only as far as the longest row (0: every slot, every step). rows: decode only the first
+    `rows` rows (0: all), the others being empty: a server with few requests runs a program
+    its size (needs attend_block and the folded cache layout).
     """
+    if rows and rows < state.done.shape[0]:
+        head, out = decode(
+            graphdef,
+            params,
+            first_rows(state, rows),
+            stop_ids,
+            num_steps=num_steps,
+            vocab_size=vocab_size,
+            logprobs=logprobs,
+            attend_block=attend_block,
+        )
+        return with_first_rows(state, head), pad_rows(out, state.done.shape[0])
     model = nnx.merge(graphdef, params)
     block_size = model.config.block_size
     B, window = state.history.shape
@@ -398,6 +414,47 @@ def decode(
     )
     state, out, _ = jax.lax.while_loop(more, run_group, (state, out, jnp.int32(0)))
     return state, out
+
+
+def first_rows(state: DecodeState, rows: int) -> DecodeState:
+    """The state's first `rows` rows, and the cache's buffers whole: a decode of those rows
+    writes their keys and values where they lie."""
+    small = jax.tree.map(lambda x: x[:rows] if x.ndim else x, without_buffers(state))
+    return dataclasses.replace(
+        small, cache=dataclasses.replace(small.cache, k=state.cache.k, v=state.cache.v)
+    )
+
+
+def with_first_rows(state: DecodeState, head: DecodeState) -> DecodeState:
+    """`state` with its first rows from `head` (a decoded `first_rows` of it)."""
+    rows = head.done.shape[0]
+    merged = jax.tree.map(
+        lambda x, h: x.at[:rows].set(h) if x.ndim else h,
+        without_buffers(state),
+        without_buffers(head),
+    )
+    return dataclasses.replace(
+        merged, cache=dataclasses.replace(merged.cache, k=head.cache.k, v=head.cache.v)
+    )
+
+
+def without_buffers(state: DecodeState) -> DecodeState:
+    return dataclasses.replace(state, cache=dataclasses.replace(state.cache, k=[], v=[]))
+
+
+def pad_rows(out: Emitted, batch_size: int) -> Emitted:
+    """What `rows` rows drew, as `batch_size` rows drew it (the others: FILL, no token)."""
+
+    def pad(x, value=0):
+        rows = [(0, batch_size - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+        return jnp.pad(x, rows, constant_values=value)
+
+    return Emitted(
+        tokens=pad(out.tokens, FILL),
+        logprobs=pad(out.logprobs),
+        top_ids=pad(out.top_ids),
+        top_logprobs=pad(out.top_logprobs),
+    )
 
 
 def run_if(predicate, function, operand):
@@ -570,13 +627,24 @@ class Engine:
         block = self.attend_block or 1
         return -(-num_slots // block) * block
 
-    def decode(self, state, stop_ids, num_steps: int, logprobs: int = 0):
+    @property
+    def decodes_first_rows(self) -> bool:
+        """Whether `decode(rows=...)` can run a state's first rows only: where the cache is
+        read block by block, in the folded layout (one device)."""
+        return bool(self.attend_block) and self.mesh is None
+
+    def decode(self, state, stop_ids, num_steps: int, logprobs: int = 0, rows: int = 0):
+        """Up to `num_steps` tokens for every row, or for the first `rows` rows only (the
+        others must be empty; see `decodes_first_rows`)."""
+        if rows and not self.decodes_first_rows:
+            raise ValueError("decoding the first rows only needs one CPU device")
         args = (self.bundle.params, state, stop_ids)
         static = dict(
             num_steps=num_steps,
             vocab_size=self.vocab_size,
             logprobs=logprobs,
             attend_block=self.attend_block,
+            rows=0 if rows >= state.done.shape[0] else rows,
         )
         return self.compiled("decode", decode, static, ("state",), *args)(*args)
 

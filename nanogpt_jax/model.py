@@ -95,11 +95,17 @@ def init_cache(
 
 def write_rows(buffer, new, at):
     """buffer (B*H, S, D) or (B, H, S, D) with each row's new (.., T, D) written from slot
-    at[b] on. One slot for every row (a prefill into a fresh cache) is a plain slice update."""
+    at[b] on. One slot for every row (a prefill into a fresh cache) is a plain slice update.
+    A folded buffer may hold more rows than `new`: rows past new's are left as they are."""
     if at.ndim == 0:
         return jax.lax.dynamic_update_slice(buffer, new, (0,) * (buffer.ndim - 2) + (at, 0))
     if buffer.ndim == 3:  # heads folded into the batch: row b's heads are rows b*H .. b*H+H-1
-        at = jnp.repeat(at, buffer.shape[0] // at.shape[0])
+        at = jnp.repeat(at, new.shape[0] // at.shape[0])
+        if new.shape[0] < buffer.shape[0]:  # the first rows only, written where they lie
+            slots = at[:, None] + jnp.arange(new.shape[1])  # (rows, T)
+            # clipped as dynamic_update_slice clips: a row past the last slot (one that has
+            # outgrown block_size, its logits recomputed) writes the last slot either way
+            return buffer.at[jnp.arange(new.shape[0])[:, None], slots].set(new, mode="clip")
     write = jax.vmap(
         lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (0,) * (b.ndim - 2) + (i, 0))
     )
@@ -141,6 +147,8 @@ class CausalSelfAttention(nnx.Module):
                 y = attend_filled(q, k, v, filled, block).astype(x.dtype)  # like q
                 y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
                 return self.c_proj(y), kv
+        if k.ndim == 3:  # a cache of more rows than this call's: the first rows are its
+            k, v = k[: q.shape[0]], v[: q.shape[0]]
         att = jnp.einsum("...td,...sd->...ts", q, k.astype(q.dtype)) / math.sqrt(D)
         # softmax in float32; masked entries get the most negative finite value, not -inf, so a
         # row with nothing to attend to (a padding slot) stays finite
@@ -159,9 +167,9 @@ def attend_filled(q, k, v, filled, block: int):
     row has filled it: a softmax carried across blocks (running maximum, sum and output).
 
     q: (B*H, 1, D) or (B, H, 1, D); k, v: (B*H, S, D) or (B, H, S, D), S a multiple of
-    `block`; filled: (B,) slots each row may see. A block past a row's own length adds exactly
-    nothing to it (its weights are exp(-huge) = 0), so a row's result does not depend on how
-    far the other rows reach.
+    `block` (folded, they may hold more rows than q: only q's are read); filled: (B,) slots
+    each row may see. A block past a row's own length adds exactly nothing to it (its weights
+    are exp(-huge) = 0), so a row's result does not depend on how far the other rows reach.
     """
     rows = q.shape[0]
     per_row = jnp.repeat(filled, rows // filled.shape[0]) if q.ndim == 3 else filled
@@ -173,8 +181,9 @@ def attend_filled(q, k, v, filled, block: int):
 
     def add_block(i, carry):
         peak, total, out = carry  # (.., 1, 1), (.., 1, 1), (.., 1, D)
-        keys = jax.lax.dynamic_slice_in_dim(k, i * block, block, axis=-2)
-        values = jax.lax.dynamic_slice_in_dim(v, i * block, block, axis=-2)
+        at, size = (0,) * (q.ndim - 2) + (i * block, 0), q.shape[:-2] + (block, q.shape[-1])
+        keys = jax.lax.dynamic_slice(k, at, size)
+        values = jax.lax.dynamic_slice(v, at, size)
         scores = jnp.einsum("...td,...sd->...ts", query, keys.astype(jnp.float32)) / scale
         slots = i * block + jnp.arange(block)
         scores = jnp.where(slots < per_row, scores, lowest)  # (.., 1, block)

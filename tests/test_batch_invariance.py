@@ -119,3 +119,42 @@ def test_a_row_inserted_into_a_running_state_draws_what_generate_draws(bundle, s
     assert int(first) == drawn[0]
     assert drawn == expected
     assert np.all(np.asarray(state.done))
+
+
+def test_decoding_the_first_rows_only_changes_no_token(bundle):
+    """A server with few requests decodes its first slots only: rows in slots 0-2 of eight,
+    sampled, past block_size (the window recompute), draw the same tokens and logits as
+    when every slot is decoded, and the empty slots stay as they were."""
+    engine = engine_of(bundle)
+    assert engine.decodes_first_rows
+    tokens = np.zeros((2, 16), np.int32)
+    tokens[0, :12], tokens[1, :7] = range(30, 42), range(60, 67)
+    lengths = np.array([12, 7], np.int32)
+    settings = [dict(temperature=1.0), dict(temperature=0.9, top_k=5), dict(temperature=0.0)]
+
+    def decoded(rows: int):
+        prefilled = engine.prefill(tokens, lengths)
+        state = engine.empty(8, CONFIG.block_size, CONFIG.block_size)
+        for slot, options in enumerate(settings):
+            sampling = SamplingParams.create(**options, vocab_size=512)
+            state, _ = engine.insert(state, prefilled, slot % 2, slot, 3, slot, sampling, 150)
+        sampling = dataclasses.replace(state.sampling, top_k_bucket=512)
+        state = dataclasses.replace(state, sampling=sampling)
+        drawn, logits = [], []
+        for _ in range(10):  # 160 steps: rows of 12 and 7 tokens grow past block_size 128
+            state, out = engine.decode(state, jnp.array([FILL]), 16, rows=rows)
+            drawn.append(np.asarray(out.tokens))
+            logits.append(np.asarray(state.logits))
+        return np.concatenate(drawn, axis=1), np.stack(logits), state
+
+    every_tokens, every_logits, _ = decoded(rows=0)
+    first_tokens, first_logits, state = decoded(rows=4)
+    np.testing.assert_array_equal(first_tokens, every_tokens)
+    np.testing.assert_array_equal(first_logits[:, :3], every_logits[:, :3])
+    assert (first_tokens[:3] != FILL).sum(axis=1).tolist() == [150, 150, 150]
+    assert len(set(first_tokens[0].tolist())) > 20  # a sampled row that wanders
+    assert np.all(first_tokens[3:] == FILL)
+    # slots 4-7, outside the decoded rows, untouched (slot 3, inside, computes unread values)
+    assert np.all(first_logits[:, 4:] == 0)
+    assert np.asarray(state.cache.lengths)[4:].tolist() == [0] * 4
+    assert np.all(np.asarray(state.cache.k[0])[4 * CONFIG.n_head :] == 0)

@@ -4,7 +4,8 @@
     submit(job) --> waiting jobs --> admit: prefill prompts in pairs, shortest first;
                                             insert each prompt's rows (its n samples)
                                             into free slots, their first tokens out
-                                     decode: K steps for every slot, one compiled program
+                                     decode: K steps for the first 2, 4, 8 ... slots,
+                                            as many as hold the running rows
             <-- events per job <--   text: stop strings, streamed pieces, finished rows;
                                             a finished row frees its slot for the next
 
@@ -22,7 +23,7 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -223,11 +224,14 @@ class Scheduler:
             self.state, _ = engine.insert(self.state, prefilled, 0, 0, 0, 0, sampling, 1)
         for top_k_bucket in self.top_k_buckets():
             for use_top_p in (False, True):
-                for logprobs in (0, MAX_LOGPROBS):
-                    self.state = self.with_variant(top_k_bucket, use_top_p)
+                self.state = self.with_variant(top_k_bucket, use_top_p)
+                for rows in self.row_counts:
                     self.state, _ = engine.decode(
-                        self.state, self.stop_ids, self.decode_steps, logprobs
+                        self.state, self.stop_ids, self.decode_steps, rows=rows
                     )
+                self.state, _ = engine.decode(
+                    self.state, self.stop_ids, self.decode_steps, MAX_LOGPROBS
+                )
         self.state = engine.release(self.state, np.ones(self.slots, bool))
         self.programs_after_warmup = engine.compile_count
         self.metrics.programs.set(engine.compile_count)
@@ -235,6 +239,20 @@ class Scheduler:
             f"warm: {engine.compile_count} programs compiled in "
             f"{time.perf_counter() - began:.1f} s ({self.slots} slots)"
         )
+
+    @property
+    def row_counts(self) -> list[int]:
+        """Rows a decode call may run: the first 2, 4, 8 ... slots, and all of them. A call
+        runs as few as hold every occupied slot (rows go to the lowest free slot), so a
+        lightly loaded server decodes at the speed of its load, not of its size. Requests
+        with logprobs run every slot (one program less per variant)."""
+        if not self.engine.decodes_first_rows:
+            return [self.slots]
+        counts, rows = [], MIN_ROWS
+        while rows < self.slots:
+            counts.append(rows)
+            rows *= 2
+        return [*counts, self.slots]
 
     def top_k_buckets(self) -> list[int]:
         vocab = self.tokenizer.vocab_size
@@ -247,25 +265,27 @@ class Scheduler:
         return dataclasses.replace(self.state, sampling=sampling)
 
     def admit(self) -> None:
-        """Fill free slots: rows of admitted requests first, then waiting requests. Their
-        prompts are prefilled shortest first, and each pair's rows go in (their first tokens
-        out) before the next pair is prefilled: a burst of arrivals is served as it is read."""
+        """Fill free slots: rows of admitted requests first, then waiting requests' prompts,
+        two at a time, shortest bucket first; each pair's rows go in (their first tokens out)
+        before the next pair is chosen, from every prompt waiting by then: a short request
+        that arrives during a burst of long prompts goes ahead of those still waiting."""
         free = [s for s in range(self.slots) if s not in self.running]
         while free and self.pending:
             self.place(self.pending.popleft(), free)
-        if self.pending or not free:
-            return
-        jobs = self.take_waiting(len(free))
-        computed = [job for job in jobs if not job.cancelled and (job.max_tokens or job.scored)]
-        for prompts in self.prefill([p for job in computed for p in job.prompts]):
-            for prompt in prompts:
+        admitted: list[Prompt] = []
+        while True:
+            if free and not self.pending:  # a prompt taken is prefilled, slot or not
+                room = len(free) - sum(prompt.waiting_rows for prompt in admitted)
+                admitted += self.take_waiting(room, first=not admitted, free=free)
+            if not admitted:
+                return
+            pair = self.next_pair(admitted)
+            self.prefill(pair)
+            for prompt in pair:
+                admitted.remove(prompt)
                 for row in prompt.job.rows:
                     if row.prompt is prompt:
                         self.place(row, free)
-        for job in jobs:
-            if job not in computed:  # cancelled, or nothing to compute
-                for row in job.rows:
-                    self.place(row, free)
 
     def place(self, row: Row, free: list[int]) -> None:
         """A row whose prompt is prefilled: into a free slot, else to wait for one."""
@@ -279,47 +299,57 @@ class Scheduler:
         else:
             self.pending.append(row)
 
-    def take_waiting(self, free: int) -> list[Job]:
-        """Waiting jobs, oldest first, as many as the free slots hold (at least one)."""
-        jobs, rows = [], 0
+    def take_waiting(self, room: int, first: bool, free: list[int]) -> list[Prompt]:
+        """The prompts to prefill of waiting jobs, oldest job first, as long as their rows fit
+        in `room` slots (the `first` job is taken whatever its size: rows that do not fit wait
+        for a slot). A job with nothing to compute (cancelled, or max_tokens 0 without
+        scores) is answered at once."""
+        jobs = []
         with self.condition:
-            while self.waiting and (not jobs or rows + len(self.waiting[0].rows) <= free):
+            while self.waiting and (first or len(self.waiting[0].rows) <= room):
                 jobs.append(self.waiting.popleft())
-                rows += len(jobs[-1].rows)
+                first, room = False, room - len(jobs[-1].rows)
             self.metrics.waiting.set(len(self.waiting))
-        return jobs
+        prompts: list[Prompt] = []
+        for job in jobs:
+            if job.cancelled or not (job.max_tokens or job.scored):
+                for row in job.rows:
+                    self.place(row, free)
+            else:
+                prompts += job.prompts
+        return prompts
 
-    def prefill(self, prompts: list[Prompt]) -> Iterator[list[Prompt]]:
-        """Prompts through the model two at a time, shortest bucket first, prompts of one
-        bucket together (every program runs two rows or more; a prompt without a partner
-        goes beside a copy of itself), once for all the rows of each. Yields each pair."""
-        groups: dict[tuple, list[Prompt]] = {}
-        for prompt in prompts:
-            bucket = prompt_bucket(len(prompt.tokens), self.block_size)
-            groups.setdefault((bucket, prompt.scored), []).append(prompt)
-        for (bucket, scored), group in sorted(groups.items()):
-            for pair in (group[i : i + MIN_ROWS] for i in range(0, len(group), MIN_ROWS)):
-                members = pair + [pair[0]] * (MIN_ROWS - len(pair))
-                tokens = np.zeros((MIN_ROWS, bucket), np.int32)
-                lengths = np.zeros((MIN_ROWS,), np.int32)
-                for r, prompt in enumerate(members):
-                    tokens[r, : len(prompt.tokens)] = prompt.tokens
-                    lengths[r] = len(prompt.tokens)
-                prefilled = self.engine.prefill(
-                    tokens, lengths, prompt_logprobs=MAX_LOGPROBS if scored else 0
-                )
-                if scored:  # the prompt's own tokens scored, for its echo
-                    chosen = to_host(prefilled.token_logprobs)
-                    top_ids, top_lps = to_host(prefilled.top_ids), to_host(prefilled.top_logprobs)
-                    for r, prompt in enumerate(pair):
-                        n = len(prompt.tokens)
-                        scores = (chosen[r, :n], top_ids[r, :n], top_lps[r, :n])
-                        prompt.scores = tuple(x.tolist() for x in scores)
-                prefilled = scoreless(prefilled)  # one insert program serves both kinds
-                for r, prompt in enumerate(pair):
-                    if prompt.job.max_tokens > 0:
-                        prompt.prefilled, prompt.prefilled_row = prefilled, r
-                yield pair
+    def next_pair(self, prompts: list[Prompt]) -> list[Prompt]:
+        """The next prompts to prefill together: the oldest two of the shortest bucket (every
+        program runs two rows or more; a prompt alone goes beside a copy of itself)."""
+        kind = lambda p: (prompt_bucket(len(p.tokens), self.block_size), p.scored)  # noqa: E731
+        shortest = min(kind(p) for p in prompts)
+        return [p for p in prompts if kind(p) == shortest][:MIN_ROWS]
+
+    def prefill(self, pair: list[Prompt]) -> None:
+        """Prompts of one bucket through the model together, once for all the rows of each."""
+        bucket = prompt_bucket(max(len(p.tokens) for p in pair), self.block_size)
+        scored = pair[0].scored
+        members = pair + [pair[0]] * (MIN_ROWS - len(pair))
+        tokens = np.zeros((MIN_ROWS, bucket), np.int32)
+        lengths = np.zeros((MIN_ROWS,), np.int32)
+        for r, prompt in enumerate(members):
+            tokens[r, : len(prompt.tokens)] = prompt.tokens
+            lengths[r] = len(prompt.tokens)
+        prefilled = self.engine.prefill(
+            tokens, lengths, prompt_logprobs=MAX_LOGPROBS if scored else 0
+        )
+        if scored:  # the prompt's own tokens scored, for its echo
+            chosen = to_host(prefilled.token_logprobs)
+            top_ids, top_lps = to_host(prefilled.top_ids), to_host(prefilled.top_logprobs)
+            for r, prompt in enumerate(pair):
+                n = len(prompt.tokens)
+                scores = (chosen[r, :n], top_ids[r, :n], top_lps[r, :n])
+                prompt.scores = tuple(x.tolist() for x in scores)
+        prefilled = scoreless(prefilled)  # one insert program serves both kinds
+        for r, prompt in enumerate(pair):
+            if prompt.job.max_tokens > 0:
+                prompt.prefilled, prompt.prefilled_row = prefilled, r
 
     def insert(self, row: Row, slot: int) -> None:
         """The row into a slot, and its first token to its client at once (a request with
@@ -364,14 +394,19 @@ class Scheduler:
             prompt.prefilled = None  # the device memory goes with it
 
     def step(self) -> None:
-        """K decode steps for every slot, then each running row's new tokens to its client."""
-        rows = list(self.running.values())
-        top_k = max(r.job.sampling["top_k"] for r in rows)
+        """K decode steps for the occupied slots, then each running row's new tokens to its
+        client."""
+        jobs = [row.job for row in self.running.values()]
+        top_k = max(job.sampling["top_k"] for job in jobs)
         top_k_bucket = 0 if not top_k else next(b for b in self.top_k_buckets() if b >= top_k)
-        use_top_p = any(r.job.sampling["top_p"] < 1.0 for r in rows)
-        logprobs = MAX_LOGPROBS if any(r.job.logprobs is not None for r in rows) else 0
+        use_top_p = any(job.sampling["top_p"] < 1.0 for job in jobs)
+        logprobs = MAX_LOGPROBS if any(job.logprobs is not None for job in jobs) else 0
+        occupied = max(self.running) + 1  # every slot past the last occupied one is empty
+        rows = self.slots if logprobs else next(r for r in self.row_counts if r >= occupied)
         self.state = self.with_variant(top_k_bucket, use_top_p)
-        self.state, out = self.engine.decode(self.state, self.stop_ids, self.decode_steps, logprobs)
+        self.state, out = self.engine.decode(
+            self.state, self.stop_ids, self.decode_steps, logprobs, rows
+        )
         tokens, done = to_host(out.tokens), to_host(self.state.done)
         bad = to_host(self.state.bad_logits)
         if logprobs:
