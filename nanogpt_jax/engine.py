@@ -28,9 +28,11 @@ Batch invariance: a row's logits depend only on its own tokens, never on the oth
 cache size, so a seeded sample is the same text alone or among others. XLA:CPU sums a product
 of one row in another order than a product of several, and hands large reductions to a library
 that sums in yet another order; so reductions stay in XLA's own loops (CPU_COMPILER_OPTIONS),
-and the server runs every program with at least MIN_ROWS rows. A batch of one row keeps the
-one-row kernels, twice as fast at batch 1: its logits match a batched row's to about 1e-6 of
-their scale, not bit for bit. tests/test_batch_invariance.py checks both. On a GPU it holds
+and the server decodes with at least MIN_ROWS rows. A prefill's products have a row per prompt
+token (its lm_head takes each prompt's last position twice), so a prompt prefilled alone gets
+the keys, values and logits it gets beside others. A decode batch of one row keeps the one-row
+kernels, twice as fast at batch 1: its logits match a batched row's to about 1e-6 of their
+scale, not bit for bit. tests/test_batch_invariance.py checks both. On a GPU it holds
 only as far as its kernels are batch-invariant.
 """
 
@@ -155,7 +157,10 @@ def prefill(
         pad = lambda x: jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
         token_logprobs, top_ids, top_logprobs = pad(chosen), pad(top_ids), pad(top_logprobs)
     else:
-        logits, cache = model(tokens, positions, cache, last=lengths - 1)
+        # each prompt's last position twice: the lm_head then multiplies two rows or more,
+        # which XLA:CPU sums as it sums any batch's (one row alone it sums in another order),
+        # so a prompt prefilled alone gets the logits it gets beside others
+        logits, cache = model(tokens, positions, cache, last=jnp.stack([lengths - 1] * 2, 1))
         last = logits[:, 0]
         token_logprobs = jnp.zeros((n, 0), jnp.float32)
         top_ids, top_logprobs = jnp.zeros((n, 0, 0), jnp.int32), jnp.zeros((n, 0, 0))

@@ -280,7 +280,8 @@ class GPT(nnx.Module):
         slots cache.lengths[b] + 0..T-1, and by default those positions (past block_size they
         are clamped: only a row that has outgrown its window gets there, and its logits are
         not used).
-        last: (B,) logits of that position of each row only, (B, 1, V); last_only: of the
+        last: (B,) logits of that position of each row only, (B, 1, V), or (B, L) of those
+        L positions, (B, L, V); last_only: of the
         last position. Dropout runs only when `rngs` is given (training). block: a one-token
         step reads the cache in blocks of this many slots, only as far as its longest row
         (0: every slot; see `attend_filled`).
@@ -316,7 +317,8 @@ class GPT(nnx.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         elif last is not None:
-            x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # (B, 1, C)
+            at = last[:, None, None] if last.ndim == 1 else last[:, :, None]
+            x = jnp.take_along_axis(x, at, axis=1)  # (B, 1 or L, C)
         x = self.ln_f(x)
         # lm_head tied to the token embedding: (B, T, C) x (V, C) -> (B, T, V)
         logits = jnp.einsum("btc,vc->btv", x, self.wte.embedding[...].astype(x.dtype))

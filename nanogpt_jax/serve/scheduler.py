@@ -1,7 +1,7 @@
 """Continuous batching: requests come and go in a fixed set of decode slots.
 
     HTTP handlers (event loop)              scheduler thread (the only one calling JAX)
-    submit(job) --> waiting jobs --> admit: prefill prompts in pairs, shortest first;
+    submit(job) --> waiting jobs --> admit: prefill prompts one by one, shortest first;
                                             insert each prompt's rows (its n samples)
                                             into free slots, their first tokens out
                                      decode: K steps for the first 2, 4, 8 ... slots,
@@ -46,7 +46,6 @@ class Prompt:
     given_tokens: int  # before cropping (what usage counts)
     job: Job | None = None
     prefilled: Prefilled | None = None  # on the device while rows still wait for a slot
-    prefilled_row: int = 0  # its row in `prefilled` (prompts are prefilled in pairs)
     waiting_rows: int = 0
     # with echo and logprobs: per prompt token, its log-probability and the likeliest others
     scores: tuple | None = None
@@ -217,8 +216,8 @@ class Scheduler:
         self.state = engine.empty(self.slots, self.block_size, self.block_size)
         sampling = SamplingParams.create(1.0, vocab_size=self.tokenizer.vocab_size)
         for bucket in self.buckets:
-            tokens = np.zeros((MIN_ROWS, bucket), np.int32)
-            lengths = np.ones((MIN_ROWS,), np.int32)
+            tokens = np.zeros((1, bucket), np.int32)
+            lengths = np.ones((1,), np.int32)
             engine.prefill(tokens, lengths, prompt_logprobs=MAX_LOGPROBS)
             prefilled = scoreless(engine.prefill(tokens, lengths))
             self.state, _ = engine.insert(self.state, prefilled, 0, 0, 0, 0, sampling, 1)
@@ -266,9 +265,10 @@ class Scheduler:
 
     def admit(self) -> None:
         """Fill free slots: rows of admitted requests first, then waiting requests' prompts,
-        two at a time, shortest bucket first; each pair's rows go in (their first tokens out)
-        before the next pair is chosen, from every prompt waiting by then: a short request
-        that arrives during a burst of long prompts goes ahead of those still waiting."""
+        one at a time, shortest bucket first; each prompt's rows go in (their first tokens
+        out) before the next prompt is chosen, from every prompt waiting by then: a short
+        request that arrives during a burst of long prompts goes ahead of those still
+        waiting."""
         free = [s for s in range(self.slots) if s not in self.running]
         while free and self.pending:
             self.place(self.pending.popleft(), free)
@@ -279,13 +279,12 @@ class Scheduler:
                 admitted += self.take_waiting(room, first=not admitted, free=free)
             if not admitted:
                 return
-            pair = self.next_pair(admitted)
-            self.prefill(pair)
-            for prompt in pair:
-                admitted.remove(prompt)
-                for row in prompt.job.rows:
-                    if row.prompt is prompt:
-                        self.place(row, free)
+            prompt = self.next_prompt(admitted)
+            admitted.remove(prompt)
+            self.prefill(prompt)
+            for row in prompt.job.rows:
+                if row.prompt is prompt:
+                    self.place(row, free)
 
     def place(self, row: Row, free: list[int]) -> None:
         """A row whose prompt is prefilled: into a free slot, else to wait for one."""
@@ -319,37 +318,24 @@ class Scheduler:
                 prompts += job.prompts
         return prompts
 
-    def next_pair(self, prompts: list[Prompt]) -> list[Prompt]:
-        """The next prompts to prefill together: the oldest two of the shortest bucket (every
-        program runs two rows or more; a prompt alone goes beside a copy of itself)."""
-        kind = lambda p: (prompt_bucket(len(p.tokens), self.block_size), p.scored)  # noqa: E731
-        shortest = min(kind(p) for p in prompts)
-        return [p for p in prompts if kind(p) == shortest][:MIN_ROWS]
+    def next_prompt(self, prompts: list[Prompt]) -> Prompt:
+        """The next prompt to prefill: the oldest of the shortest bucket."""
+        return min(prompts, key=lambda p: prompt_bucket(len(p.tokens), self.block_size))
 
-    def prefill(self, pair: list[Prompt]) -> None:
-        """Prompts of one bucket through the model together, once for all the rows of each."""
-        bucket = prompt_bucket(max(len(p.tokens) for p in pair), self.block_size)
-        scored = pair[0].scored
-        members = pair + [pair[0]] * (MIN_ROWS - len(pair))
-        tokens = np.zeros((MIN_ROWS, bucket), np.int32)
-        lengths = np.zeros((MIN_ROWS,), np.int32)
-        for r, prompt in enumerate(members):
-            tokens[r, : len(prompt.tokens)] = prompt.tokens
-            lengths[r] = len(prompt.tokens)
+    def prefill(self, prompt: Prompt) -> None:
+        """The prompt through the model, alone (its products have a row per token, so its
+        numbers are those it would get beside others), once for all its rows."""
+        n = len(prompt.tokens)
+        tokens = np.zeros((1, prompt_bucket(n, self.block_size)), np.int32)
+        tokens[0, :n] = prompt.tokens
         prefilled = self.engine.prefill(
-            tokens, lengths, prompt_logprobs=MAX_LOGPROBS if scored else 0
+            tokens, np.array([n], np.int32), prompt_logprobs=MAX_LOGPROBS if prompt.scored else 0
         )
-        if scored:  # the prompt's own tokens scored, for its echo
-            chosen = to_host(prefilled.token_logprobs)
-            top_ids, top_lps = to_host(prefilled.top_ids), to_host(prefilled.top_logprobs)
-            for r, prompt in enumerate(pair):
-                n = len(prompt.tokens)
-                scores = (chosen[r, :n], top_ids[r, :n], top_lps[r, :n])
-                prompt.scores = tuple(x.tolist() for x in scores)
-        prefilled = scoreless(prefilled)  # one insert program serves both kinds
-        for r, prompt in enumerate(pair):
-            if prompt.job.max_tokens > 0:
-                prompt.prefilled, prompt.prefilled_row = prefilled, r
+        if prompt.scored:  # the prompt's own tokens scored, for its echo
+            scores = (prefilled.token_logprobs, prefilled.top_ids, prefilled.top_logprobs)
+            prompt.scores = tuple(to_host(x)[0, :n].tolist() for x in scores)
+        if prompt.job.max_tokens > 0:
+            prompt.prefilled = scoreless(prefilled)  # one insert program serves both kinds
 
     def insert(self, row: Row, slot: int) -> None:
         """The row into a slot, and its first token to its client at once (a request with
@@ -365,7 +351,7 @@ class Scheduler:
         self.state, first = self.engine.insert(
             self.state,
             row.prompt.prefilled,
-            row.prompt.prefilled_row,
+            0,
             slot,
             job.seed,
             row.sample,
