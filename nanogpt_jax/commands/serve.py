@@ -36,7 +36,7 @@ class ServeFlags:
     slots: int = flag(16, "rows decoded together; more requests wait for a free one")
     max_queue: int = flag(256, "requests waiting for a slot before new ones get a 503")
     max_tokens_default: int = flag(16, "max_tokens of a request that gives none (OpenAI's)")
-    decode_steps: int = flag(4, "decode steps between two looks for finished and new requests")
+    decode_steps: int = flag(2, "decode steps between two looks for finished and new requests")
     device: str | None = flag(None, "cpu | gpu | tpu, or cuda:1 (default: JAX's default backend)")
     dtype: str | None = flag(None, "float32 | bfloat16 | float16 (default: float32 on cpu)")
     mesh: str | None = flag(None, "e.g. data:4,model:2 over all devices (default: one device)")
