@@ -98,3 +98,15 @@ def select_platform(device: str | None) -> None:
         if int(index) >= len(devices):
             raise UserError(f"device {device!r}: there are {len(devices)} {platform} devices")
         jax.config.update("jax_default_device", devices[int(index)])
+
+
+def load_model(source: str, dtype: str, mesh=None, **options):
+    """The bundle `--init_from` names: anything `nanogpt_jax.load` reads, or `random:SHAPE`
+    (GPT-2's random initialisation of a preset's shape, for benchmarks offline)."""
+    if source.startswith("random:"):
+        from nanogpt_jax.bench.run import random_bundle
+
+        return random_bundle(source, dtype, mesh)
+    from nanogpt_jax.bundle import load
+
+    return load(source, dtype=dtype, mesh=mesh, **options)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt_jax.commands import run
+from nanogpt_jax.commands import load_model, run
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.extras import require
 from nanogpt_jax.flags import flag, number_list, parse_flags
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
         from nanogpt_jax.bench.hardware import cpu_name
 
         print(f"offline: {flags.offline}, one generate batch", file=sys.stderr)
-        bundle = offline_bundle(flags.offline, flags.dtype)
+        bundle = load_model(flags.offline, flags.dtype)
         report["offline"] = serve_load.offline_baseline(
             bundle, load, flags.offline_batch, bundle.tokenizer.vocab_size
         )
@@ -82,16 +82,6 @@ def main(argv: list[str]) -> None:
         serve_load.write_plot(out, report)
     except UserError as e:
         print(f"note: no serve-load.png: {e}", file=sys.stderr)
-
-
-def offline_bundle(source: str, dtype: str):
-    if source.startswith("random:"):
-        from nanogpt_jax.bench.run import random_bundle
-
-        return random_bundle(source, dtype)
-    from nanogpt_jax.bundle import load
-
-    return load(source, dtype=dtype)
 
 
 def entry_point() -> None:

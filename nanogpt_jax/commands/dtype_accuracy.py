@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nanogpt_jax.commands import run, select_platform
+from nanogpt_jax.commands import load_model, run, select_platform
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.flags import flag, parse_flags
 
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
         if getattr(flags, name) < 1:
             raise UserError(f"{name} must be positive, got {getattr(flags, name)}")
     select_platform(flags.device)
-    reference, lower = (load(flags.init_from, dtype) for dtype in ("float32", flags.dtype))
+    reference, lower = (load_model(flags.init_from, dtype) for dtype in ("float32", flags.dtype))
     prompts = prompt_rows(reference.tokenizer.encode(TEXT), flags.prompts, flags.prompt_len)
     report = compare(reference, lower, prompts, flags.new_tokens)
     print(f"{flags.init_from}: {flags.dtype} against float32, greedy, {flags.new_tokens} tokens")
@@ -66,16 +66,6 @@ def main(argv: list[str]) -> None:
         f"all     {report['shared_steps_min']:12d}  {report['argmax_agree']:12.4f}  "
         f"{report['max_rel_logit_err']:17.2e}"
     )
-
-
-def load(source: str, dtype: str):
-    if source.startswith("random:"):
-        from nanogpt_jax.bench.run import random_bundle
-
-        return random_bundle(source, dtype)
-    from nanogpt_jax.bundle import load as load_bundle
-
-    return load_bundle(source, dtype=dtype)
 
 
 def prompt_rows(ids: list[int], count: int, length: int) -> list[list[int]]:

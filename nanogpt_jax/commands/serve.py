@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt_jax.commands import run, select_platform
+from nanogpt_jax.commands import load_model, run, select_platform
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.extras import require
 from nanogpt_jax.flags import flag, parse_flags
@@ -61,7 +61,6 @@ def main(argv: list[str]) -> None:
     select_platform(flags.device)
     import jax
 
-    from nanogpt_jax.bundle import load
     from nanogpt_jax.serve.app import create_app
     from nanogpt_jax.serve.metrics import Metrics
     from nanogpt_jax.serve.scheduler import Scheduler
@@ -72,12 +71,7 @@ def main(argv: list[str]) -> None:
     if flags.init_from == "resume" and not Path(source).is_dir():
         raise UserError(f"--init_from=resume: no checkpoint directory {source!r} (see --out_dir)")
     mesh = make_mesh(flags.mesh) if flags.mesh else None
-    if source.startswith("random:"):
-        from nanogpt_jax.bench.run import random_bundle
-
-        bundle = random_bundle(source, dtype, mesh)
-    else:
-        bundle = load(source, dtype=dtype, mesh=mesh, verify=flags.verify, meta=flags.meta)
+    bundle = load_model(source, dtype, mesh, verify=flags.verify, meta=flags.meta)
     scheduler = Scheduler(
         bundle, flags.slots, flags.max_queue, flags.decode_steps, Metrics.create()
     )
