@@ -147,8 +147,6 @@ class CausalSelfAttention(nnx.Module):
                 y = attend_filled(q, k, v, filled, block).astype(x.dtype)  # like q
                 y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
                 return self.c_proj(y), kv
-        if k.ndim == 3:  # a cache of more rows than this call's: the first rows are its
-            k, v = k[: q.shape[0]], v[: q.shape[0]]
         att = jnp.einsum("...td,...sd->...ts", q, k.astype(q.dtype)) / math.sqrt(D)
         # softmax in float32; masked entries get the most negative finite value, not -inf, so a
         # row with nothing to attend to (a padding slot) stays finite
@@ -281,10 +279,10 @@ class GPT(nnx.Module):
         are clamped: only a row that has outgrown its window gets there, and its logits are
         not used).
         last: (B,) logits of that position of each row only, (B, 1, V), or (B, L) of those
-        L positions, (B, L, V); last_only: of the
-        last position. Dropout runs only when `rngs` is given (training). block: a one-token
-        step reads the cache in blocks of this many slots, only as far as its longest row
-        (0: every slot; see `attend_filled`).
+        L positions, (B, L, V); last_only: of the last position. Dropout runs only when `rngs`
+        is given (training). block: a one-token step reads the cache in blocks of this many
+        slots, only as far as its longest row (0: every slot; see `attend_filled`); only such a
+        step may be given a folded cache of more rows than `tokens`.
         """
         B, T = tokens.shape
         if cache is not None:
