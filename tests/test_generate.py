@@ -19,7 +19,7 @@ import nanogpt_jax
 from nanogpt_jax.bundle import make_bundle
 from nanogpt_jax.checkpoint import params_of
 from nanogpt_jax.config import GPTConfig
-from nanogpt_jax.engine import FILL, engine_of
+from nanogpt_jax.engine import FILL, Engine, engine_of
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.interop.convert import convert
 from nanogpt_jax.model import GPT
@@ -52,9 +52,9 @@ def start_rows(engine, rows, max_new, num_slots=128, window=None, temperature=0.
     return engine.start(tokens, lengths, 0, row_ids, sampling, max_new, num_slots, window)
 
 
-def stepwise_logits(bundle, rows, steps):
+def stepwise_logits(bundle, rows, steps, engine=None):
     """Next-token logits after each greedy step, read from the engine's cached decode."""
-    engine = engine_of(bundle)
+    engine = engine or engine_of(bundle)
     state = start_rows(engine, rows, 10_000, num_slots=bundle.config.block_size)
     history, generated = [np.asarray(state.logits)], []
     for _ in range(steps):
@@ -348,6 +348,24 @@ def test_bfloat16_compute_stays_close(gpt2_bundle, gpt2_checkpoint):
     print(f"bfloat16 logit error: {error:.2e} of the logit scale, argmax agreement {agree:.3f}")
     assert error < 0.05  # bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding
     assert agree >= 0.9, agree  # near-ties may part
+
+
+def test_a_bfloat16_models_float32_cache_changes_no_number(gpt2_checkpoint):
+    """On a CPU a bfloat16 model keeps its cache in float32 (XLA:CPU would convert a 16-bit
+    cache to float32 and back at every step): its keys and values are bfloat16 numbers either
+    way, so every logit is the one a bfloat16 cache gives, past block_size too."""
+    low = nanogpt_jax.load(gpt2_checkpoint[0], dtype="bfloat16")
+    assert engine_of(low).cache_dtype == jnp.float32
+    rows = [[11, 22, 33], list(range(100, 113))]
+    steps = 80  # every row crosses block_size (64)
+    logits, tokens = stepwise_logits(low, rows, steps)
+    bfloat16_cache = Engine(low, cache_dtype=jnp.dtype(jnp.bfloat16))
+    expected_logits, expected_tokens = stepwise_logits(low, rows, steps, bfloat16_cache)
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    for got, expected in zip(logits, expected_logits, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    for row in tokens:
+        assert distinct_new(row, 0) > 10, row
 
 
 def test_convert_hf_for_generation_matches_torch_reference(tmp_path):
