@@ -1,6 +1,8 @@
 """The draw, tested statistically: over many keys, token frequencies match the tempered,
 filtered softmax (chi-square), and filtered-out tokens never appear."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,13 @@ import pytest
 from reference_sampling import assert_matches, expected_distribution
 
 from nanogpt_jax.errors import UserError
-from nanogpt_jax.sampling import SamplingParams, check_sampling_options, sample
+from nanogpt_jax.sampling import (
+    TOP_K_BY_SORT,
+    SamplingParams,
+    apply_top_k,
+    check_sampling_options,
+    sample,
+)
 
 DRAWS = 40_000
 LOGITS = np.array(
@@ -75,13 +83,35 @@ def test_top_p_always_keeps_the_most_likely_token():
 
 def test_large_vocabulary_and_candidate_bucket():
     logits = np.random.default_rng(0).normal(0, 2, 5000).astype(np.float32)
-    for options in (dict(top_k=40), dict(top_k=200, top_p=0.6), dict(top_p=0.3)):
+    cases = (dict(top_k=40), dict(top_k=200, top_p=0.6), dict(top_p=0.3), dict(top_k=1500))
+    for options in cases:
         expected = expected_distribution(logits, **options)
         counts = draw_counts(logits, draws=10_000, **options)
         assert np.all(counts[expected == 0] == 0)
         top = np.argsort(-expected)[:5]  # the most likely tokens, where counts are large
         ratio = counts[top] / (expected[top] * counts.sum())
         assert np.all(np.abs(ratio - 1) < 0.15), ratio
+
+
+def test_a_large_top_k_bucket_bisects_to_the_kth_logit_a_sort_finds():
+    """Past TOP_K_BY_SORT the k-th largest logit is found by bisection: the same cut, ties,
+    signed zeros and -inf included, for every k from 1 to the whole vocabulary."""
+    rng = np.random.default_rng(0)
+    V = 3000
+    logits = rng.normal(0, 3, (8, V)).astype(np.float32)
+    logits[:, :600] = np.round(logits[:, :600])  # many ties
+    logits[1] = -np.abs(rng.normal(0, 3, V)) - 0.1
+    logits[1, ::3], logits[1, 1::3] = 0.0, -0.0  # the largest: k=2 cuts at zero
+    logits[2, :100] = -np.inf
+    logits[3] = 1.0  # every logit the same
+    k = np.array([1, 2, 7, 599, 600, 1777, V, 0], np.int32)  # 0: no top-k for that row
+    by_sort = SamplingParams(*map(jnp.asarray, (1.0, k, 1.0, 0.0)), top_k_bucket=V)
+    assert TOP_K_BY_SORT < V  # so that the same filter, with the bucket below, bisects
+    by_bisection = dataclasses.replace(by_sort, top_k_bucket=TOP_K_BY_SORT + 1)
+    kept_by_sort = np.asarray(jax.jit(apply_top_k)(logits, by_sort))
+    kept = np.asarray(jax.jit(apply_top_k)(logits, by_bisection))
+    np.testing.assert_array_equal(kept, kept_by_sort)
+    assert np.isfinite(kept).sum(1)[[0, 1, 3, 7]].tolist() == [1, 2000, V, V]
 
 
 def test_each_row_uses_only_its_own_key():
