@@ -238,7 +238,8 @@ def insert(
     prefilled: Prefilled,
     row,
     slot,
-    key,
+    seed,
+    row_id,
     sampling: SamplingParams,
     max_new,
     *,
@@ -248,9 +249,11 @@ def insert(
     and the row's first token: drawn now, so that it need not wait for the next decode call
     (which emits it, as it would have drawn it: same logits, same key, same settings).
 
-    key: its key stream. sampling: its settings (scalars). The slot's cache is overwritten
-    from slot 0 up to the prompt bucket; what lies beyond is past the row's length, unseen.
+    seed, row_id: its key stream (see `row_keys`). sampling: its settings (scalars). The slot's
+    cache is overwritten from slot 0 up to the prompt bucket; what lies beyond is past the
+    row's length, unseen.
     """
+    key = row_keys(seed, row_id[None])[0]
     H = state.cache.k[0].shape[0] // state.done.shape[0] if state.cache.k[0].ndim == 3 else 1
 
     def put(buffer, rows):  # rows of this prefilled row -> the slot's rows of buffer
@@ -624,7 +627,6 @@ class Engine:
         `seed`: (the state, the row's first token). Compiled once per prompt bucket: the
         settings' static switches are left out (they belong to the decode program), so are
         the state's."""
-        key = row_keys(jnp.int32(seed), jnp.int32([row_id]))[0]
         sampling = neutral(sampling)
         state = dataclasses.replace(state, sampling=neutral(state.sampling))
         args = (
@@ -632,7 +634,8 @@ class Engine:
             prefilled,
             jnp.int32(row),
             jnp.int32(slot),
-            key,
+            jnp.int32(seed),
+            jnp.int32(row_id),
             sampling,
             jnp.int32(max_new),
         )
