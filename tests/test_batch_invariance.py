@@ -60,22 +60,26 @@ def test_a_rows_logits_do_not_depend_on_its_batch_or_cache(bundle):
         )
 
 
-@pytest.mark.parametrize("bucket", [16, 64, 128])
-def test_a_prompt_prefilled_alone_gets_what_it_gets_beside_another(bundle, bucket):
-    """A server prefills one prompt at a time: its keys, values and next-token logits are
-    those of its row in a batch (a row per token in every product; the lm_head's two)."""
+@pytest.mark.parametrize("bucket, group", [(16, 8), (32, 4), (64, 2), (128, 2)])
+def test_a_prompt_prefilled_alone_gets_what_it_gets_beside_others(bundle, bucket, group):
+    """A server prefills a long prompt alone and short ones of a bucket together: a prompt's
+    keys, values and next-token logits are the same either way (a row per token in every
+    product; the lm_head's two)."""
     engine = engine_of(bundle)
+    rng = np.random.default_rng(bucket)
     n = bucket - 3
-    prompt = np.random.default_rng(bucket).integers(0, 512, n)
-    alone, pair = np.zeros((1, bucket), np.int32), np.zeros((2, bucket), np.int32)
-    alone[0, :n] = pair[1, :n] = prompt
-    pair[0, :9] = range(9)
+    prompt = rng.integers(0, 512, n)
+    alone, together = np.zeros((1, bucket), np.int32), np.zeros((group, bucket), np.int32)
+    alone[0, :n] = together[group - 1, :n] = prompt
+    others = rng.integers(1, bucket + 1, group - 1)
+    for row, length in enumerate(others):
+        together[row, :length] = rng.integers(0, 512, length)
     one = engine.prefill(alone, np.array([n], np.int32))
-    two = engine.prefill(pair, np.array([9, n], np.int32))
-    np.testing.assert_array_equal(np.asarray(one.logits[0]), np.asarray(two.logits[1]))
+    many = engine.prefill(together, np.array([*others, n], np.int32))
+    np.testing.assert_array_equal(np.asarray(one.logits[0]), np.asarray(many.logits[-1]))
     H = CONFIG.n_head
-    for mine, theirs in zip(one.k + one.v, two.k + two.v, strict=True):
-        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs)[H:])
+    for mine, theirs in zip(one.k + one.v, many.k + many.v, strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs)[-H:])
 
 
 def test_a_lone_row_is_close_to_a_batched_one(bundle):

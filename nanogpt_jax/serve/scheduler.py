@@ -1,7 +1,8 @@
 """Continuous batching: requests come and go in a fixed set of decode slots.
 
     HTTP handlers (event loop)              scheduler thread (the only one calling JAX)
-    submit(job) --> waiting jobs --> admit: prefill prompts one by one, shortest first;
+    submit(job) --> waiting jobs --> admit: prefill prompts shortest first, short ones of
+                                            a bucket together (up to 128 slots a call);
                                             insert each prompt's rows (its n samples)
                                             into free slots, their first tokens out
                                      decode: K steps for the first 2, 4, 8 ... slots,
@@ -35,6 +36,11 @@ from nanogpt_jax.serve.protocol import MAX_LOGPROBS
 from nanogpt_jax.sharding import to_host
 
 TOP_K_BUCKET = 256  # top_k up to this shares the usual program; beyond, a full sort
+# Prompts of one bucket are prefilled together, 2, 4 or 8 in a call, while their slots add up
+# to at most this many: XLA:CPU multiplies a few rows at a fraction of its speed on many (gpt2,
+# float32: 16-token prompts 60 ms alone, 26 ms each four together; 64-token 100 ms alone, 88
+# each in pairs; 128 tokens gain nothing), and a prompt's numbers are the same either way.
+PREFILL_GROUP_SLOTS = 128
 
 
 @dataclasses.dataclass
@@ -46,6 +52,7 @@ class Prompt:
     given_tokens: int  # before cropping (what usage counts)
     job: Job | None = None
     prefilled: Prefilled | None = None  # on the device while rows still wait for a slot
+    prefilled_row: int = 0  # its row there (prompts prefilled together share one)
     waiting_rows: int = 0
     # with echo and logprobs: per prompt token, its log-probability and the likeliest others
     scores: tuple | None = None
@@ -132,13 +139,23 @@ class QueueFull(Exception):
 class Scheduler:
     """Owns the decode state and the thread that advances it."""
 
-    def __init__(self, bundle, slots: int, max_queue: int, decode_steps: int, metrics, log=None):
+    def __init__(
+        self,
+        bundle,
+        slots: int,
+        max_queue: int,
+        decode_steps: int,
+        metrics,
+        log=None,
+        prefill_group_slots: int = PREFILL_GROUP_SLOTS,
+    ):
         if slots < MIN_ROWS:
             raise ValueError(f"slots must be at least {MIN_ROWS}")
         self.bundle, self.engine = bundle, engine_of(bundle)
         self.tokenizer, self.config = bundle.tokenizer, bundle.config
         self.slots, self.max_queue = slots, max_queue
         self.decode_steps = next_power_of_two(decode_steps)
+        self.prefill_group_slots = prefill_group_slots
         self.metrics = metrics
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         eot = self.tokenizer.eot_id
@@ -210,17 +227,17 @@ class Scheduler:
 
     def warm_up(self) -> None:
         """Compile every program traffic can need: prefill (with and without the prompt's
-        log-probabilities) and insert per prompt bucket, and each decode variant."""
+        log-probabilities) and insert per prompt bucket and group size, and each decode
+        variant."""
         began = time.perf_counter()
         engine = self.engine
         self.state = engine.empty(self.slots, self.block_size, self.block_size)
         sampling = SamplingParams.create(1.0, vocab_size=self.tokenizer.vocab_size)
         for bucket in self.buckets:
-            tokens = np.zeros((1, bucket), np.int32)
-            lengths = np.ones((1,), np.int32)
-            engine.prefill(tokens, lengths, prompt_logprobs=MAX_LOGPROBS)
-            prefilled = scoreless(engine.prefill(tokens, lengths))
-            self.state, _ = engine.insert(self.state, prefilled, 0, 0, 0, 0, sampling, 1)
+            engine.prefill(*padded([[0]], bucket), prompt_logprobs=MAX_LOGPROBS)
+            for size in self.group_sizes(bucket):
+                prefilled = scoreless(engine.prefill(*padded([[0]] * size, bucket)))
+                self.state, _ = engine.insert(self.state, prefilled, 0, 0, 0, 0, sampling, 1)
         for top_k_bucket in self.top_k_buckets():
             for use_top_p in (False, True):
                 self.state = self.with_variant(top_k_bucket, use_top_p)
@@ -253,6 +270,14 @@ class Scheduler:
             rows *= 2
         return [*counts, self.slots]
 
+    def group_sizes(self, bucket: int) -> list[int]:
+        """How many prompts of this bucket a prefill call may take: 1, 2, 4 ... while their
+        slots fit `prefill_group_slots`."""
+        sizes = [1]
+        while sizes[-1] * 2 * bucket <= self.prefill_group_slots:
+            sizes.append(sizes[-1] * 2)
+        return sizes
+
     def top_k_buckets(self) -> list[int]:
         vocab = self.tokenizer.vocab_size
         return sorted({0, min(TOP_K_BUCKET, vocab), vocab})
@@ -265,10 +290,10 @@ class Scheduler:
 
     def admit(self) -> None:
         """Fill free slots: rows of admitted requests first, then waiting requests' prompts,
-        one at a time, shortest bucket first; each prompt's rows go in (their first tokens
-        out) before the next prompt is chosen, from every prompt waiting by then: a short
-        request that arrives during a burst of long prompts goes ahead of those still
-        waiting."""
+        shortest bucket first, those of one short bucket together; each prefill call's rows
+        go in (their first tokens out) before the next prompts are chosen, from every prompt
+        waiting by then: a short request that arrives during a burst of long prompts goes
+        ahead of those still waiting."""
         free = [s for s in range(self.slots) if s not in self.running]
         while free and self.pending:
             self.place(self.pending.popleft(), free)
@@ -279,12 +304,14 @@ class Scheduler:
                 admitted += self.take_waiting(room, first=not admitted, free=free)
             if not admitted:
                 return
-            prompt = self.next_prompt(admitted)
-            admitted.remove(prompt)
-            self.prefill(prompt)
-            for row in prompt.job.rows:
-                if row.prompt is prompt:
-                    self.place(row, free)
+            group = self.next_group(admitted)
+            for prompt in group:
+                admitted.remove(prompt)
+            self.prefill(group)
+            for prompt in group:
+                for row in prompt.job.rows:
+                    if row.prompt is prompt:
+                        self.place(row, free)
 
     def place(self, row: Row, free: list[int]) -> None:
         """A row whose prompt is prefilled: into a free slot, else to wait for one."""
@@ -318,24 +345,34 @@ class Scheduler:
                 prompts += job.prompts
         return prompts
 
-    def next_prompt(self, prompts: list[Prompt]) -> Prompt:
-        """The next prompt to prefill: the oldest of the shortest bucket."""
-        return min(prompts, key=lambda p: prompt_bucket(len(p.tokens), self.block_size))
+    def next_group(self, prompts: list[Prompt]) -> list[Prompt]:
+        """The next prompts to prefill: the oldest of the shortest bucket, with the next
+        oldest of its bucket as far as a group size allows (a prompt to score goes alone)."""
+        bucket = lambda p: prompt_bucket(len(p.tokens), self.block_size)  # noqa: E731
+        first = min(prompts, key=bucket)
+        if first.scored:
+            return [first]
+        alike = [p for p in prompts if bucket(p) == bucket(first) and not p.scored]
+        size = max(s for s in self.group_sizes(bucket(first)) if s <= len(alike))
+        return [first, *[p for p in alike if p is not first][: size - 1]]
 
-    def prefill(self, prompt: Prompt) -> None:
-        """The prompt through the model, alone (its products have a row per token, so its
-        numbers are those it would get beside others), once for all its rows."""
-        n = len(prompt.tokens)
-        tokens = np.zeros((1, prompt_bucket(n, self.block_size)), np.int32)
-        tokens[0, :n] = prompt.tokens
+    def prefill(self, group: list[Prompt]) -> None:
+        """Prompts of one bucket through the model together, once for all their rows. Their
+        products have a row per token, so each prompt's numbers are those it gets alone."""
+        bucket = prompt_bucket(len(group[0].tokens), self.block_size)
+        scored = group[0].scored  # then it is alone
         prefilled = self.engine.prefill(
-            tokens, np.array([n], np.int32), prompt_logprobs=MAX_LOGPROBS if prompt.scored else 0
+            *padded([p.tokens for p in group], bucket),
+            prompt_logprobs=MAX_LOGPROBS if scored else 0,
         )
-        if prompt.scored:  # the prompt's own tokens scored, for its echo
+        if scored:  # the prompt's own tokens scored, for its echo
+            n = len(group[0].tokens)
             scores = (prefilled.token_logprobs, prefilled.top_ids, prefilled.top_logprobs)
-            prompt.scores = tuple(to_host(x)[0, :n].tolist() for x in scores)
-        if prompt.job.max_tokens > 0:
-            prompt.prefilled = scoreless(prefilled)  # one insert program serves both kinds
+            group[0].scores = tuple(to_host(x)[0, :n].tolist() for x in scores)
+        prefilled = scoreless(prefilled)  # one insert program serves both kinds
+        for row, prompt in enumerate(group):
+            if prompt.job.max_tokens > 0:
+                prompt.prefilled, prompt.prefilled_row = prefilled, row
 
     def insert(self, row: Row, slot: int) -> None:
         """The row into a slot, and its first token to its client at once (a request with
@@ -351,7 +388,7 @@ class Scheduler:
         self.state, first = self.engine.insert(
             self.state,
             row.prompt.prefilled,
-            0,
+            row.prompt.prefilled_row,
             slot,
             job.seed,
             row.sample,
@@ -521,6 +558,14 @@ class Scheduler:
             f"{job.id} {status}: prompt {sum(p.given_tokens for p in job.prompts)} tokens, "
             f"completion {tokens} tokens, ttft {ttft} s, {tokens / max(elapsed, 1e-9):.1f} tok/s"
         )
+
+
+def padded(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lengths) of prompts right-padded to `bucket` slots, for a prefill call."""
+    tokens = np.zeros((len(prompts), bucket), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
 def scoreless(prefilled: Prefilled) -> Prefilled:
