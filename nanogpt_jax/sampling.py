@@ -123,22 +123,29 @@ def apply_top_k(logits, params: SamplingParams):
 
 
 def kth_largest(logits, k):
-    """Each row's k-th largest logit (B,), found by bisection over the float32 bit patterns:
-    the largest pattern t with at least k logits at or above it is the k-th largest's own
-    (32 passes over the vocabulary, exact; a full sort is 16x slower)."""
+    """Each row's k-th largest logit (B,): the largest bit pattern with at least k logits at
+    or above it is the k-th largest's own (exact; a full sort is 16x slower)."""
     keys = ordered_bits(logits)
+    enough = lambda above: jnp.sum(above, axis=-1) >= k  # noqa: E731
+    return float_of_ordered_bits(largest_cut(keys, enough))
+
+
+def largest_cut(keys, enough):
+    """Each row's largest t (B,) for which `enough(keys >= t)` holds, by bisection over the
+    32 bits of `ordered_bits` keys (B, V): 32 passes over the vocabulary. `enough` must hold
+    at t = 0 and, once false, stay false for every larger t."""
 
     def bisect(_, bounds):
-        lo, hi = bounds  # count(keys >= lo) >= k, count(keys >= hi) < k (hi may be max+1)
+        lo, hi = bounds  # enough at lo, not at hi (hi may be max+1)
         mid = lo + (hi - lo) // 2
-        enough = jnp.sum(keys >= mid[:, None], axis=-1) >= k
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+        ok = enough(keys >= mid[:, None])
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    B = logits.shape[0]
+    B = keys.shape[0]
     lo = jnp.zeros((B,), jnp.uint32)
     hi = jnp.full((B,), jnp.iinfo(jnp.uint32).max, jnp.uint32)
     lo, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
-    return float_of_ordered_bits(lo)
+    return lo
 
 
 def apply_top_p(logits, params: SamplingParams):
@@ -152,18 +159,8 @@ def apply_top_p(logits, params: SamplingParams):
         return logits
     probs = jax.nn.softmax(logits, axis=-1)  # (B, V); removed tokens have 0
     keys = ordered_bits(logits)  # (B, V) uint32, same order as the logits
-
-    def bisect(_, bounds):
-        lo, hi = bounds  # mass(keys >= lo) >= top_p, mass(keys >= hi) < top_p (hi may be max+1)
-        mid = lo + (hi - lo) // 2
-        mass = jnp.sum(jnp.where(keys >= mid[:, None], probs, 0.0), axis=-1)
-        enough = mass >= params.top_p
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    B = logits.shape[0]
-    lo = jnp.zeros((B,), jnp.uint32)
-    hi = jnp.full((B,), jnp.iinfo(jnp.uint32).max, jnp.uint32)
-    lo, _ = jax.lax.fori_loop(0, 32, bisect, (lo, hi))
+    mass = lambda above: jnp.sum(jnp.where(above, probs, 0.0), axis=-1)  # noqa: E731
+    lo = largest_cut(keys, lambda above: mass(above) >= params.top_p)
     # a row with top_p 1 keeps everything, exactly as when no row uses top-p (a rounded mass
     # of 1.0 could otherwise cut a tail of tokens with next to no probability)
     keep = (keys >= lo[:, None]) | (per_row(params.top_p) >= 1.0)
