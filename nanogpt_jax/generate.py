@@ -175,6 +175,14 @@ def prompt_bucket(length: int, block_size: int) -> int:
     return min(max(MIN_PROMPT_BUCKET, next_power_of_two(length)), block_size)
 
 
+def padded(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lengths) of prompts right-padded to `bucket` slots, for a prefill."""
+    tokens = np.zeros((len(prompts), bucket), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
 def cache_plan(prompt_slots: int, new_slots: int, block_size: int) -> tuple[int, int]:
     """(cache slots, window): room for prompt and new tokens while they fit block_size; past
     it, a window of the last block_size tokens for nanoGPT's recompute."""
@@ -206,11 +214,7 @@ def generate_batch(
     num_slots, window = cache_plan(prompt_slots, new_slots, config.block_size)
     # padding rows repeat the first prompt and key stream; their output is dropped
     padding = padded_rows - len(cropped)
-    tokens = np.zeros((padded_rows, prompt_slots), np.int32)
-    lengths = np.zeros((padded_rows,), np.int32)
-    for b, row in enumerate(cropped + [cropped[0]] * padding):
-        tokens[b, : len(row)] = row
-        lengths[b] = len(row)
+    tokens, lengths = padded(cropped + [cropped[0]] * padding, prompt_slots)
     ids = np.array(list(row_ids) + [row_ids[0]] * padding, np.int32)
     max_new = np.full((padded_rows,), max_new_tokens, np.int32)
     state = engine.start(

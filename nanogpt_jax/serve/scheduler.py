@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanogpt_jax.engine import FILL, MIN_ROWS, Prefilled, engine_of
-from nanogpt_jax.generate import prompt_bucket
+from nanogpt_jax.generate import padded, prompt_bucket
 from nanogpt_jax.sampling import SamplingParams, next_power_of_two
 from nanogpt_jax.serve.protocol import MAX_LOGPROBS
 from nanogpt_jax.sharding import to_host
 
-TOP_K_BUCKET = 256  # top_k up to this shares the usual program; beyond, a full sort
+TOP_K_BUCKET = 256  # top_k up to this shares the usual program; beyond, a bisection
 # Prompts of one bucket are prefilled together, 2, 4 or 8 in a call, while their slots add up
 # to at most this many: XLA:CPU multiplies a few rows at a fraction of its speed on many (gpt2,
 # float32: 16-token prompts 60 ms alone, 26 ms each four together; 64-token 100 ms alone, 88
@@ -558,14 +558,6 @@ class Scheduler:
             f"{job.id} {status}: prompt {sum(p.given_tokens for p in job.prompts)} tokens, "
             f"completion {tokens} tokens, ttft {ttft} s, {tokens / max(elapsed, 1e-9):.1f} tok/s"
         )
-
-
-def padded(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, lengths) of prompts right-padded to `bucket` slots, for a prefill call."""
-    tokens = np.zeros((len(prompts), bucket), np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    return tokens, np.array([len(p) for p in prompts], np.int32)
 
 
 def scoreless(prefilled: Prefilled) -> Prefilled:
