@@ -624,7 +624,7 @@ class Engine:
         self, state, prefilled, row: int, slot: int, seed: int, row_id: int, sampling, max_new
     ):
         """Row `row` of `prefilled` into slot `slot`, drawing from key stream `row_id` of
-        `seed`: (the state, the row's first token). Compiled once per prompt bucket: the
+        `seed`: (the state, the row's first token). Compiled once per prefilled shape: the
         settings' static switches are left out (they belong to the decode program), so are
         the state's."""
         sampling = neutral(sampling)
