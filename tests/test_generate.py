@@ -368,6 +368,34 @@ def test_a_bfloat16_models_float32_cache_changes_no_number(gpt2_checkpoint):
         assert distinct_new(row, 0) > 10, row
 
 
+def plain_product(x, w):
+    """The model's products as one dot_general over x's own axes (no rows matrix, no lone
+    row padded): the unoptimised path `rows_times` must agree with."""
+    dims = (((x.ndim - 1,), (w.ndim - 1,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [[[11, 22, 33]], [[11, 22, 33], list(range(100, 113))]])
+def test_products_of_row_matrices_change_no_token(gpt2_checkpoint, monkeypatch, dtype, rows):
+    """Every product multiplies a matrix of rows (a lone bfloat16 row padded to two on a CPU):
+    greedy tokens equal those of the plain products, past block_size too; in float32 so does
+    every logit, and in bfloat16 the logits differ only by summation order."""
+    bundle = nanogpt_jax.load(gpt2_checkpoint[0], dtype=dtype)
+    steps = 80  # every row crosses block_size (64)
+    logits, tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
+    monkeypatch.setattr(nanogpt_jax.model, "rows_times", plain_product)
+    jax.clear_caches()  # traced again, with the plain products
+    expected_logits, expected_tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    worst = max(max_abs_diff(a, b) for a, b in zip(logits, expected_logits, strict=True))
+    scale = max(float(np.abs(x).max()) for x in expected_logits)
+    print(f"{dtype}, {len(rows)} rows: max |logit difference| {worst:.2e} of scale {scale:.1f}")
+    assert worst <= (0.0 if dtype == "float32" else 1e-5 * scale)
+    for row in tokens:
+        assert distinct_new(row, 0) > 10, row
+
+
 def test_convert_hf_for_generation_matches_torch_reference(tmp_path):
     model = hf_gpt2(seed=9, n_positions=32)
     model.save_pretrained(tmp_path)
