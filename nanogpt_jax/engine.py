@@ -63,8 +63,10 @@ MIN_ROWS = 2  # rows of every server program: see "Batch invariance" above
 # On a CPU a decode step reads the cache in blocks of this many slots, only as far as its
 # longest row: a server's slots hold block_size slots each, mostly empty (gpt2, 16 rows, 1024
 # slots: 107 ms/step against 144 reading every slot; a batch's cache, sized to its request,
-# is within 2-4% either way in float32). On a GPU a loop of unknown length would stop the
-# device for the host at each layer, so every slot is read.
+# is within 2-4% either way in float32). Once the rows reach past half the cache, one product
+# over every block (no block copied out) is cheaper and gives the same bits (`attend_filled`).
+# On a GPU a loop of unknown length would stop the device for the host at each layer, so
+# every slot is read.
 ATTEND_BLOCK = 128
 # XLA:CPU hands large reductions and elementwise fusions to YNNPACK, which sums in another
 # order than XLA's own loops, so a row's layer norms and softmaxes would depend on how many

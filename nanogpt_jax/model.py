@@ -189,13 +189,27 @@ def attend_filled(q, k, v, filled, block: int):
     `block` (folded, they may hold more rows than q: only q's are read); filled: (B,) slots
     each row may see. A block past a row's own length adds exactly nothing to it (its weights
     are exp(-huge) = 0), so a row's result does not depend on how far the other rows reach.
+
+    Two ways give the same bits. A loop over the blocks some row has reached slices each out
+    of the cache, a copy on a CPU before its products; one product over every block copies
+    nothing but reads the empty ones too. Past half the cache, the single product is cheaper.
     """
     rows = q.shape[0]
     per_row = jnp.repeat(filled, rows // filled.shape[0]) if q.ndim == 3 else filled
+    reached = (jnp.max(filled) + block - 1) // block
+    every = k.shape[-2] // block
+    return jax.lax.cond(
+        2 * reached > every,
+        lambda: attend_every_block(q, k, v, per_row, block),
+        lambda: attend_reached_blocks(q, k, v, per_row, reached, block),
+    )
+
+
+def attend_reached_blocks(q, k, v, per_row, reached, block: int):
+    """attend_filled's loop over the first `reached` blocks; per_row: q's leading shape."""
     per_row = per_row.reshape(per_row.shape + (1,) * (q.ndim - 1))  # against (.., 1, block)
     scale = math.sqrt(q.shape[-1])
     lowest = jnp.finfo(jnp.float32).min
-    blocks = (jnp.max(filled) + block - 1) // block
     query = q.astype(jnp.float32)  # small products: float32 runs them fastest on a CPU
 
     def add_block(i, carry):
@@ -215,7 +229,39 @@ def attend_filled(q, k, v, filled, block: int):
 
     shape = q.shape[:-1] + (1,)
     start = (jnp.full(shape, lowest), jnp.zeros(shape), jnp.zeros(q.shape, jnp.float32))  # f32
-    _, total, out = jax.lax.fori_loop(0, blocks, add_block, start)
+    _, total, out = jax.lax.fori_loop(0, reached, add_block, start)
+    return out / total
+
+
+def attend_every_block(q, k, v, per_row, block: int):
+    """attend_filled's numbers from every block at once: the cache seen as (.., N, block, D)
+    without a copy, each block's scores, weights and weighted values in one product each, then
+    the blocks' running maximum, sum and output carried in the loop's order."""
+    per_row = per_row.reshape(per_row.shape + (1,) * q.ndim)  # against (.., N, 1, block)
+    scale = math.sqrt(q.shape[-1])
+    lowest = jnp.finfo(jnp.float32).min
+    N = k.shape[-2] // block
+    k, v = k[: q.shape[0]], v[: q.shape[0]]  # a folded cache may hold more rows: q's only
+    as_blocks = q.shape[:-2] + (N, block, q.shape[-1])
+    keys, values = (t.reshape(as_blocks).astype(jnp.float32) for t in (k, v))
+    scores = jnp.einsum("...td,...nsd->...nts", q.astype(jnp.float32), keys) / scale
+    slots = jnp.arange(N)[:, None, None] * block + jnp.arange(block)  # (N, 1, block)
+    scores = jnp.where(slots < per_row, scores, lowest)  # (.., N, 1, block)
+    peaks = jax.lax.cummax(jnp.max(scores, axis=-1, keepdims=True), axis=q.ndim - 2)
+    weights = jnp.exp(scores - peaks)
+    sums = jnp.sum(weights, axis=-1, keepdims=True)  # (.., N, 1, 1)
+    outs = jnp.einsum("...nts,...nsd->...ntd", weights, values)  # (.., N, 1, D)
+
+    def add_block(i, carry):
+        peak, total, out = carry  # (.., 1, 1), (.., 1, 1), (.., 1, D)
+        new_peak = jnp.take(peaks, i, axis=-3)
+        rescale = jnp.exp(peak - new_peak)
+        total = total * rescale + jnp.take(sums, i, axis=-3)
+        return new_peak, total, out * rescale + jnp.take(outs, i, axis=-3)
+
+    shape = q.shape[:-1] + (1,)
+    start = (jnp.full(shape, lowest), jnp.zeros(shape), jnp.zeros(q.shape, jnp.float32))
+    _, total, out = jax.lax.fori_loop(0, N, add_block, start)
     return out / total
 
 

@@ -396,6 +396,42 @@ def test_products_of_row_matrices_change_no_token(gpt2_checkpoint, monkeypatch, 
         assert distinct_new(row, 0) > 10, row
 
 
+def attend_one_way(way):
+    """attend_filled always reading the cache one way: "loop" over the blocks the rows
+    reached (each sliced out of the cache), or "every" block in one product."""
+    from nanogpt_jax.model import attend_every_block, attend_reached_blocks
+
+    def attend(q, k, v, filled, block):
+        per_row = jnp.repeat(filled, q.shape[0] // filled.shape[0]) if q.ndim == 3 else filled
+        if way == "every":
+            return attend_every_block(q, k, v, per_row, block)
+        reached = (jnp.max(filled) + block - 1) // block
+        return attend_reached_blocks(q, k, v, per_row, reached, block)
+
+    return attend
+
+
+def test_either_way_of_reading_the_cache_changes_no_logit(gpt2_checkpoint, monkeypatch):
+    """A step reads its cache in a loop over the reached blocks, or, past half the cache, in
+    one product over every block: forced one way or the other for a whole greedy run of 80
+    steps (rows of 3 and 13 tokens, blocks of 16 slots in a 64-slot cache, past block_size),
+    every logit equals the default's, bit for bit."""
+    bundle = nanogpt_jax.load(gpt2_checkpoint[0])
+    rows, steps = [[11, 22, 33], list(range(100, 113))], 80
+    monkeypatch.setattr(nanogpt_jax.engine, "ATTEND_BLOCK", 16)
+    jax.clear_caches()
+    logits, tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
+    for way in ("loop", "every"):
+        monkeypatch.setattr(nanogpt_jax.model, "attend_filled", attend_one_way(way))
+        jax.clear_caches()  # traced again, reading the cache that way
+        forced_logits, forced_tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
+        np.testing.assert_array_equal(forced_tokens, tokens)
+        for got, expected in zip(forced_logits, logits, strict=True):
+            np.testing.assert_array_equal(got, expected)
+    for row in tokens:
+        assert distinct_new(row, 0) > 10, row
+
+
 def test_convert_hf_for_generation_matches_torch_reference(tmp_path):
     model = hf_gpt2(seed=9, n_positions=32)
     model.save_pretrained(tmp_path)

@@ -176,3 +176,24 @@ def test_reading_the_cache_in_blocks_equals_reading_it_whole(layout):
     # a longer row beside them makes every row read more blocks: no row's result changes
     longer = blocks(filled.at[0].set(190))
     np.testing.assert_array_equal(longer[1:], got[1:])
+
+
+@pytest.mark.parametrize("layout", ["folded", "heads"])
+@pytest.mark.parametrize("reach", [1, 63, 64, 65, 130, 192])
+def test_both_ways_of_reading_the_cache_in_blocks_agree_bit_for_bit(layout, reach):
+    """The loop over the blocks the rows reach and the single product over every block give
+    the same bits, whichever attend_filled picks: rows of 1 .. `reach` slots of 192."""
+    from nanogpt_jax.model import attend_every_block, attend_reached_blocks
+
+    B, H, S, D, block = 6, 3, 192, 16, 64
+    keys = jax.random.split(jax.random.key(reach), 3)
+    q, k, v = (jax.random.normal(key, (B, H, n, D)) for key, n in zip(keys, (1, S, S), strict=True))
+    filled = jnp.array([1, 2, 64, 65, 100, 192]).clip(max=reach)
+    per_row = filled
+    if layout == "folded":
+        q, k, v = (t.reshape(B * H, *t.shape[2:]) for t in (q, k, v))
+        per_row = jnp.repeat(filled, H)
+    reached = (reach + block - 1) // block
+    looped = jax.jit(attend_reached_blocks, static_argnums=5)(q, k, v, per_row, reached, block)
+    at_once = jax.jit(attend_every_block, static_argnums=4)(q, k, v, per_row, block)
+    np.testing.assert_array_equal(at_once, looped)
