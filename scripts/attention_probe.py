@@ -1,0 +1,72 @@
+"""How long a decode step's attention takes each way `attend_filled` can read the cache: a
+loop over the blocks the rows reached, or one product over every block.
+
+    python scripts/attention_probe.py --batch_sizes=1,8 --cases=640:576,1024:300,256:140
+
+A jitted program of the step's attention alone (gpt2's 12 layers, 12 heads of 64, one query
+per row, a float32 cache as the engine keeps on a CPU): per batch size and case SLOTS:FILLED,
+ms per step (median of --repeats runs) each way, with the CPU model, on stdout.
+"""
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from nanogpt_jax.bench.hardware import cpu_name
+from nanogpt_jax.engine import ATTEND_BLOCK
+from nanogpt_jax.model import attend_every_block, attend_reached_blocks
+
+
+def step_ms(attend, q, keys, values, per_row, repeats: int) -> float:
+    """Median ms of one run of `attend(q, k, v, per_row)` over every layer's cache."""
+
+    def step(q, keys, values, per_row):
+        return jnp.stack([attend(q, k, v, per_row) for k, v in zip(keys, values, strict=True)])
+
+    step = jax.jit(step)
+    step(q, keys, values, per_row).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(q, keys, values, per_row).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_sizes", default="1,8")
+    parser.add_argument("--cases", default="640:576,1024:300,1024:600,256:140")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head_dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    block, H, D = ATTEND_BLOCK, args.heads, args.head_dim
+    print(f"{cpu_name()}; jax {jax.__version__}; blocks of {block} slots, {args.layers} layers")
+    print(f"{'B':>3} {'slots':>6} {'filled':>7} {'blocks':>7} {'loop ms':>8} {'every ms':>9}")
+    for B in (int(b) for b in args.batch_sizes.split(",")):
+        for case in args.cases.split(","):
+            slots, filled = (int(n) for n in case.split(":"))
+            slots = -(-slots // block) * block
+            keys = jax.random.split(jax.random.key(0), 2 * args.layers + 1)
+            cache = [jax.random.normal(key, (B * H, slots, D)) for key in keys[1:]]
+            q = jax.random.normal(keys[0], (B * H, 1, D))
+            per_row = jnp.full((B * H,), filled, jnp.int32)
+            reached = -(-filled // block)
+            layers = (q, cache[: args.layers], cache[args.layers :], per_row, args.repeats)
+            loop = step_ms(partial(attend_reached_blocks, reached=reached, block=block), *layers)
+            every = step_ms(partial(attend_every_block, block=block), *layers)
+            print(
+                f"{B:>3} {slots:>6} {filled:>7} {f'{reached}/{slots // block}':>7} "
+                f"{loop:>8.2f} {every:>9.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
