@@ -51,7 +51,7 @@ from flax import nnx
 
 from nanogpt_jax.home import cache_home
 from nanogpt_jax.model import KVCache, init_cache
-from nanogpt_jax.sampling import SamplingParams, sample
+from nanogpt_jax.sampling import SamplingParams, sample, top_k
 from nanogpt_jax.sharding import batch_sharding, cache_sharding, global_array
 
 if TYPE_CHECKING:  # the bundle holds an Engine; the engine only reads the bundle's fields
@@ -359,7 +359,7 @@ def decode(
         if logprobs:
             scores = log_probabilities(state.logits, vocab_size)  # (B, V)
             chosen = jnp.take_along_axis(scores, jnp.maximum(token, 0)[:, None], axis=-1)[:, 0]
-            top_logprobs, top_ids = jax.lax.top_k(scores, logprobs)  # (B, L)
+            top_logprobs, top_ids = top_k(scores, logprobs)  # (B, L): in the loop
             out = Emitted(
                 tokens=out.tokens,
                 logprobs=write(out.logprobs, chosen),

@@ -1,6 +1,8 @@
 """The sampling engine: cached decoding equals recomputation, greedy equals transformers,
 reproducible key streams, one compile per bucket, stops, and bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -428,6 +430,36 @@ def test_either_way_of_reading_the_cache_changes_no_logit(gpt2_checkpoint, monke
         np.testing.assert_array_equal(forced_tokens, tokens)
         for got, expected in zip(forced_logits, logits, strict=True):
             np.testing.assert_array_equal(got, expected)
+    for row in tokens:
+        assert distinct_new(row, 0) > 10, row
+
+
+def test_top_k_row_by_row_changes_no_token_nor_logprob(gpt2_checkpoint, monkeypatch):
+    """Sampling with top-k and log-probabilities, 80 steps past block_size: every token, log-
+    probability and alternative is the same whether top-k selects row by row (the default on
+    a CPU) or over the whole batch with `jax.lax.top_k`."""
+    bundle = nanogpt_jax.load(gpt2_checkpoint[0])
+    rows, steps = [[11, 22, 33], list(range(100, 113)), [7]], 64
+
+    def run():
+        jax.clear_caches()
+        engine = Engine(bundle)
+        state = start_rows(engine, rows, 10_000, num_slots=64, temperature=0.9)
+        settings = SamplingParams.create(0.9, top_k=20).for_rows(len(rows))
+        state = dataclasses.replace(state, sampling=settings)
+        out = [engine.decode(state, jnp.array([FILL]), steps, logprobs=5)[1]]
+        return [np.asarray(x) for x in (out[0].tokens, out[0].logprobs, out[0].top_ids)] + [
+            np.asarray(out[0].top_logprobs)
+        ]
+
+    default = run()
+    monkeypatch.setattr(nanogpt_jax.sampling, "top_k", jax.lax.top_k)
+    monkeypatch.setattr(nanogpt_jax.engine, "top_k", jax.lax.top_k)
+    whole_batch = run()
+    for got, expected in zip(default, whole_batch, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    tokens = default[0]
+    assert (tokens != FILL).all()
     for row in tokens:
         assert distinct_new(row, 0) > 10, row
 

@@ -16,6 +16,7 @@ from nanogpt_jax.sampling import (
     apply_top_k,
     check_sampling_options,
     sample,
+    top_k,
 )
 
 DRAWS = 40_000
@@ -112,6 +113,28 @@ def test_a_large_top_k_bucket_bisects_to_the_kth_logit_a_sort_finds():
     kept = np.asarray(jax.jit(apply_top_k)(logits, by_bisection))
     np.testing.assert_array_equal(kept, kept_by_sort)
     assert np.isfinite(kept).sum(1)[[0, 1, 3, 7]].tolist() == [1, 2000, V, V]
+
+
+def test_top_k_row_by_row_selects_what_lax_top_k_selects():
+    """On a CPU `top_k` takes a batch's rows one at a time: the same values and ids as
+    `jax.lax.top_k` on the whole batch, ties (lowest id first), signed zeros and -inf
+    included, whatever the leading axes."""
+    rng = np.random.default_rng(1)
+    V = 5000
+    logits = rng.normal(0, 3, (2, 3, V)).astype(np.float32)
+    logits[0, 0, :900] = np.round(logits[0, 0, :900])  # many ties
+    logits[0, 1, ::2], logits[0, 1, 1::2] = 0.0, -0.0
+    logits[0, 2, :4000] = -np.inf
+    logits[1, 0] = 1.0  # every logit the same
+    for x in (logits, logits[1], logits[1, 2:]):
+        for k in (1, 5, 256, 1200):
+            values, ids = jax.jit(top_k, static_argnums=1)(x, k)
+            expected_values, expected_ids = jax.jit(jax.lax.top_k, static_argnums=1)(x, k)
+            assert values.shape == ids.shape == x.shape[:-1] + (k,)
+            np.testing.assert_array_equal(np.asarray(ids), np.asarray(expected_ids))
+            np.testing.assert_array_equal(np.asarray(values), np.asarray(expected_values))
+            sign = np.signbit(np.asarray(values))  # 0.0 and -0.0 compare equal: the bits too
+            np.testing.assert_array_equal(sign, np.signbit(np.asarray(expected_values)))
 
 
 def test_each_row_uses_only_its_own_key():
