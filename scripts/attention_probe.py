@@ -10,13 +10,12 @@ ms per step (median of --repeats runs) each way, with the CPU model, on stdout.
 
 import argparse
 import statistics
-import time
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from nanogpt_jax.bench.hardware import cpu_name
+from nanogpt_jax.bench.hardware import call_seconds, cpu_name
 from nanogpt_jax.engine import ATTEND_BLOCK
 from nanogpt_jax.model import attend_every_block, attend_reached_blocks
 
@@ -27,13 +26,7 @@ def step_ms(attend, q, keys, values, per_row, repeats: int) -> float:
     def step(q, keys, values, per_row):
         return jnp.stack([attend(q, k, v, per_row) for k, v in zip(keys, values, strict=True)])
 
-    step = jax.jit(step)
-    step(q, keys, values, per_row).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(q, keys, values, per_row).block_until_ready()
-        times.append(time.perf_counter() - start)
+    times = call_seconds(jax.jit(step), q, keys, values, per_row, repeats=repeats)
     return 1e3 * statistics.median(times)
 
 

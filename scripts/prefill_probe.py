@@ -16,12 +16,11 @@ of --repeats runs) and ms per token, with the CPU model, on stdout.
 
 import argparse
 import statistics
-import time
 
 import jax
 import numpy as np
 
-from nanogpt_jax.bench.hardware import cpu_name
+from nanogpt_jax.bench.hardware import call_seconds, cpu_name
 from nanogpt_jax.commands import load_model
 from nanogpt_jax.engine import engine_of
 from nanogpt_jax.generate import padded
@@ -31,12 +30,7 @@ def prefill_ms(engine, lengths: list[int], bucket: int, repeats: int) -> float:
     """Median ms of one prefill call of random prompts of these lengths, padded to `bucket`."""
     rng = np.random.default_rng(0)
     args = padded([rng.integers(0, engine.vocab_size, n).tolist() for n in lengths], bucket)
-    jax.block_until_ready(engine.prefill(*args).logits)  # compiled, once per shape
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(engine.prefill(*args).logits)
-        times.append(time.perf_counter() - start)
+    times = call_seconds(lambda: engine.prefill(*args).logits, repeats=repeats)
     return 1e3 * statistics.median(times)
 
 

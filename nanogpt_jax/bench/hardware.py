@@ -21,15 +21,20 @@ from nanogpt_jax.config import GPTConfig
 REPEATS = 5
 
 
-def best_seconds(function, *args) -> float:
-    """Fastest of a few timed calls, after one call that compiles."""
+def call_seconds(function, *args, repeats: int = REPEATS) -> list[float]:
+    """Seconds of each of `repeats` timed calls, after one call that compiles."""
     jax.block_until_ready(function(*args))
     times = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         began = time.perf_counter()
         jax.block_until_ready(function(*args))
         times.append(time.perf_counter() - began)
-    return min(times)
+    return times
+
+
+def best_seconds(function, *args) -> float:
+    """Fastest of a few timed calls, after one call that compiles."""
+    return min(call_seconds(function, *args))
 
 
 def memory_bandwidth(num_bytes: int) -> dict:
