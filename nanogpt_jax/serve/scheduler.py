@@ -2,11 +2,14 @@
 
     HTTP handlers (event loop)              scheduler thread (the only one calling JAX)
     submit(job) --> waiting jobs --> admit: prefill prompts shortest first, short ones of
-                                            a bucket together (up to 128 slots a call);
+                                            a bucket together (up to 128 slots a call),
+                                            while rows run no longer than a decode call;
                                             insert each prompt's rows (its n samples)
                                             into free slots, their first tokens out
                                      decode: K steps for the first 2, 4, 8 ... slots,
-                                            as many as hold the running rows
+                                            as many as hold the running rows; after one
+                                            that ended requests, a moment for their
+                                            clients' next ones
             <-- events per job <--   text: stop strings, streamed pieces, finished rows;
                                             a finished row frees its slot for the next
 
@@ -41,6 +44,10 @@ TOP_K_BUCKET = 256  # top_k up to this shares the usual program; beyond, a bisec
 # float32: 16-token prompts 60 ms alone, 26 ms each four together; 64-token 100 ms alone, 88
 # each in pairs; 128 tokens gain nothing), and a prompt's numbers are the same either way.
 PREFILL_GROUP_SLOTS = 128
+# When a decode call ends rows, their clients may send their next requests at once (a closed
+# loop, a chat, a pipeline); the next call waits for them up to this share of the last call's
+# time: a request that misses the start of a call waits for all of it.
+FOLLOW_UP_WAIT = 0.15
 
 
 @dataclasses.dataclass
@@ -165,6 +172,8 @@ class Scheduler:
             {prompt_bucket(n, self.block_size) for n in range(1, self.block_size + 1)}
         )
         self.waiting: collections.deque[Job] = collections.deque()
+        self.arrivals = 0  # requests submitted so far
+        self.admitted: list[Prompt] = []  # taken from `waiting`, not prefilled yet
         self.pending: collections.deque[Row] = collections.deque()  # admitted, no slot yet
         self.running: dict[int, Row] = {}
         self.condition = threading.Condition()
@@ -172,6 +181,7 @@ class Scheduler:
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self.main, name="scheduler", daemon=True)
         self.state = None
+        self.last_decode_seconds = 0.0
         self.programs_after_warmup = None
         self.failed: str | None = None  # why the thread stopped, if it did
 
@@ -185,6 +195,7 @@ class Scheduler:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull
             self.waiting.append(job)
+            self.arrivals += 1
             self.metrics.waiting.set(len(self.waiting))
             self.condition.notify()
 
@@ -203,24 +214,29 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the thread
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.admitted or self.pending or self.running)
+
     def main(self) -> None:
         try:
             self.warm_up()
             self.ready.set()
             while True:
                 with self.condition:
-                    while not (self.waiting or self.pending or self.running or self.stopping):
+                    while not (self.busy or self.stopping):
                         self.condition.wait()
-                    if self.stopping and not (self.waiting or self.pending or self.running):
+                    if self.stopping and not self.busy:
                         return
                 self.admit()
                 if self.running:
-                    self.step()
+                    self.wait_for_follow_ups(*self.step())
         except BaseException as e:  # the server cannot go on: say so to every client waiting
             self.failed = f"{type(e).__name__}: {e}"
             self.ready.clear()
             self.log(f"scheduler stopped: {self.failed}")
-            jobs = [*self.waiting, *(r.job for r in [*self.pending, *self.running.values()])]
+            rows = [*self.pending, *self.running.values()]
+            jobs = [*self.waiting, *(p.job for p in self.admitted), *(r.job for r in rows)]
             for job in dict.fromkeys(jobs):
                 job.notify(("error", f"the server failed: {type(e).__name__}"))
             raise
@@ -293,21 +309,31 @@ class Scheduler:
         shortest bucket first, those of one short bucket together; each prefill call's rows
         go in (their first tokens out) before the next prompts are chosen, from every prompt
         waiting by then: a short request that arrives during a burst of long prompts goes
-        ahead of those still waiting."""
+        ahead of those still waiting.
+
+        While rows run, a pass prefills no longer than the last decode call took (one group
+        at least), then the running rows take their turn: their tokens do not stall behind a
+        burst of prompts, and rows admitted in one burst start, and so end, in different
+        calls. (Rows that all end in one call would bring their clients' next requests back
+        as one burst, whose median waits for half of it to be prefilled.)"""
         free = [s for s in range(self.slots) if s not in self.running]
         while free and self.pending:
             self.place(self.pending.popleft(), free)
-        admitted: list[Prompt] = []
+        began, prefilled = time.perf_counter(), False
         while True:
             if free and not self.pending:  # a prompt taken is prefilled, slot or not
-                room = len(free) - sum(prompt.waiting_rows for prompt in admitted)
-                admitted += self.take_waiting(room, first=not admitted, free=free)
-            if not admitted:
+                room = len(free) - sum(prompt.waiting_rows for prompt in self.admitted)
+                self.admitted += self.take_waiting(room, first=not self.admitted, free=free)
+            if not self.admitted:
                 return
-            group = self.next_group(admitted)
+            turn_over = time.perf_counter() - began >= self.last_decode_seconds
+            if prefilled and self.running and turn_over:
+                return
+            group = self.next_group(self.admitted)
             for prompt in group:
-                admitted.remove(prompt)
+                self.admitted.remove(prompt)
             self.prefill(group)
+            prefilled = True
             for prompt in group:
                 for row in prompt.job.rows:
                     if row.prompt is prompt:
@@ -416,9 +442,10 @@ class Scheduler:
         if prompt.waiting_rows == 0:
             prompt.prefilled = None  # the device memory goes with it
 
-    def step(self) -> None:
+    def step(self) -> tuple[int, int]:
         """K decode steps for the occupied slots, then each running row's new tokens to its
-        client."""
+        client. Returns (requests submitted before the tokens went out, requests this call
+        finished)."""
         jobs = [row.job for row in self.running.values()]
         top_k = max(job.sampling["top_k"] for job in jobs)
         top_k_bucket = 0 if not top_k else next(b for b in self.top_k_buckets() if b >= top_k)
@@ -427,10 +454,13 @@ class Scheduler:
         occupied = max(self.running) + 1  # every slot past the last occupied one is empty
         rows = self.slots if logprobs else next(r for r in self.row_counts if r >= occupied)
         self.state = self.with_variant(top_k_bucket, use_top_p)
+        began = time.perf_counter()
         self.state, out = self.engine.decode(
             self.state, self.stop_ids, self.decode_steps, logprobs, rows
         )
         tokens, done = to_host(out.tokens), to_host(self.state.done)
+        self.last_decode_seconds = time.perf_counter() - began
+        arrivals, jobs_running = self.arrivals, {id(row.job) for row in self.running.values()}
         bad = to_host(self.state.bad_logits)
         if logprobs:
             chosen, top_ids = to_host(out.logprobs), to_host(out.top_ids)
@@ -476,6 +506,21 @@ class Scheduler:
         if free.any():
             self.state = self.engine.release(self.state, free)
         self.metrics.programs.set(self.engine.compile_count)
+        jobs_left = {id(row.job) for row in [*self.running.values(), *self.pending]}
+        return arrivals, len(jobs_running - jobs_left)
+
+    def wait_for_follow_ups(self, arrivals: int, finished: int) -> None:
+        """Before the next decode call, give the clients of requests that just finished a
+        moment (FOLLOW_UP_WAIT of the last call) to send their next ones, if slots are free."""
+        if not finished or len(self.running) == self.slots:
+            return
+        deadline = time.perf_counter() + FOLLOW_UP_WAIT * self.last_decode_seconds
+        with self.condition:
+            while self.arrivals < arrivals + finished and not self.stopping:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return
+                self.condition.wait(left)
 
     def observe(self, row: Row, count: int, now: float) -> None:
         if not count:
