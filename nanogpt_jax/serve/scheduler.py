@@ -514,13 +514,11 @@ class Scheduler:
         moment (FOLLOW_UP_WAIT of the last call) to send their next ones, if slots are free."""
         if not finished or len(self.running) == self.slots:
             return
-        deadline = time.perf_counter() + FOLLOW_UP_WAIT * self.last_decode_seconds
         with self.condition:
-            while self.arrivals < arrivals + finished and not self.stopping:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    return
-                self.condition.wait(left)
+            self.condition.wait_for(
+                lambda: self.arrivals >= arrivals + finished or self.stopping,
+                timeout=FOLLOW_UP_WAIT * self.last_decode_seconds,
+            )
 
     def observe(self, row: Row, count: int, now: float) -> None:
         if not count:
