@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.kernels import rows_times as kernel
 
 
 def normal(stddev: float):
@@ -69,9 +70,13 @@ def rows_times(x, w):
     rows, as XLA:CPU's bfloat16 kernels want it: given x's leading axes as they are, it
     transposes every weight once per decode loop iteration (gpt2, batch 8: ~20 ms a step),
     and it multiplies a lone row in float32, converting every weight (batch 1: 52 ms a step
-    against 21), so a lone 16-bit row goes in as two. float32 numbers are the same either way."""
+    against 21), so a lone 16-bit row goes in as two. float32 numbers are the same either way.
+    A decode step's few rows go to a native kernel on a CPU where one is built (see
+    `kernels/rows_times.py`): the same products, summed in another order."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
+    if kernel.applies(x, w):
+        return kernel.rows_times(rows, w).reshape(lead + w.shape[:-1])
     lone = rows.shape[0] == 1 and w.dtype.itemsize == 2 and jax.default_backend() == "cpu"
     if lone:
         rows = jnp.pad(rows, ((0, 1), (0, 0)))

@@ -382,7 +382,10 @@ def plain_product(x, w):
 def test_products_of_row_matrices_change_no_token(gpt2_checkpoint, monkeypatch, dtype, rows):
     """Every product multiplies a matrix of rows (a lone bfloat16 row padded to two on a CPU):
     greedy tokens equal those of the plain products, past block_size too; in float32 so does
-    every logit, and in bfloat16 the logits differ only by summation order."""
+    every logit, and in bfloat16 the logits differ only by summation order. (XLA's products
+    only: the native kernel is tested against them below.)"""
+    monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")
+    jax.clear_caches()
     bundle = nanogpt_jax.load(gpt2_checkpoint[0], dtype=dtype)
     steps = 80  # every row crosses block_size (64)
     logits, tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
@@ -394,6 +397,32 @@ def test_products_of_row_matrices_change_no_token(gpt2_checkpoint, monkeypatch, 
     scale = max(float(np.abs(x).max()) for x in expected_logits)
     print(f"{dtype}, {len(rows)} rows: max |logit difference| {worst:.2e} of scale {scale:.1f}")
     assert worst <= (0.0 if dtype == "float32" else 1e-5 * scale)
+    for row in tokens:
+        assert distinct_new(row, 0) > 10, row
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [[[11, 22, 33]], [[11, 22, 33], list(range(100, 113))]])
+def test_the_native_products_change_no_token(gpt2_checkpoint, monkeypatch, dtype, rows):
+    """A decode step's products in the native kernel (on by default on a CPU) against XLA's
+    (NANOGPT_JAX_KERNELS=0): the same greedy tokens for 80 steps past block_size, logits
+    within 1e-5 of their scale (float32 sums in another order). One float32 row stays with
+    XLA, so there every logit is equal."""
+    bundle = nanogpt_jax.load(gpt2_checkpoint[0], dtype=dtype)
+    steps = 80  # every row crosses block_size (64)
+    jax.clear_caches()
+    logits, tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
+    monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")
+    jax.clear_caches()  # traced again, every product in XLA
+    expected_logits, expected_tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    worst = max(max_abs_diff(a, b) for a, b in zip(logits, expected_logits, strict=True))
+    scale = max(float(np.abs(x).max()) for x in expected_logits)
+    print(f"{dtype}, {len(rows)} rows: max |logit difference| {worst:.2e} of scale {scale:.1f}")
+    if dtype == "float32" and len(rows) == 1:
+        assert worst == 0.0
+    else:
+        assert 0.0 < worst <= 1e-5 * scale  # the kernel ran, and summed in its own order
     for row in tokens:
         assert distinct_new(row, 0) > 10, row
 

@@ -1,0 +1,190 @@
+// A few rows times a weight matrix on a CPU: y (R, N) = x (R, K) . w (N, K)^T, in float32.
+//
+// A decode step multiplies 1 to 16 rows by each weight: it reads every weight once and does
+// little arithmetic per byte. XLA:CPU's library products run such shapes well below the memory
+// bandwidth (8 rows of float32 at ~10-18 GB/s), and multiply bfloat16 on CPUs without
+// AVX512-BF16 slower than float32. Here each weight row is read once for every row of x in
+// registers, converted from bfloat16 in registers (a 16-bit shift), and accumulated in float32
+// with fused multiply-adds; the work is split over XLA's intra-op threads by output blocks.
+//
+// Written with the compiler's vector extensions, not intrinsics: it is compiled on the machine
+// that runs it (`-march=native`), for its own vector width and instruction set.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint16_t Half __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t Word __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline Vec load(const uint16_t* p) {  // bfloat16: the high half of a float32
+  Half h;
+  std::memcpy(&h, p, sizeof(h));
+  Word w = __builtin_convertvector(h, Word) << 16;
+  Vec v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  uint32_t w = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// a * b + c: fused where the CPU has FMA. Built with -ffp-contract=off, so that every row is
+// summed the same way in every block shape: a row's result does not depend on the other rows.
+inline Vec multiply_add(Vec a, Vec b, Vec c) {
+#if defined(__FMA__)
+  return (Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float sum(Vec v) {
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += v[i];
+  return total;
+}
+
+// Rows [r0, r0 + RB) of y, outputs [n0, n0 + NB): RB * NB accumulators in registers.
+template <int RB, int NB, typename W>
+void block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t r0, int64_t n0) {
+  Vec acc[RB][NB] = {};
+  const int64_t whole = K - K % kLanes;
+  for (int64_t k = 0; k < whole; k += kLanes) {
+    Vec wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load(w + (n0 + j) * K + k);
+    for (int r = 0; r < RB; ++r) {
+      const Vec xv = load(x + (r0 + r) * K + k);
+      for (int j = 0; j < NB; ++j) acc[r][j] = multiply_add(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    for (int j = 0; j < NB; ++j) {
+      float total = sum(acc[r][j]);
+      for (int64_t k = whole; k < K; ++k) total += x[(r0 + r) * K + k] * to_float(w[(n0 + j) * K + k]);
+      y[(r0 + r) * N + n0 + j] = total;
+    }
+  }
+}
+
+// Every row of x times outputs [n0, n1): rows in groups the registers hold.
+template <int RB, int NB, typename W>
+void rows_in_groups(const float* x, const W* w, float* y, int64_t R, int64_t K, int64_t N,
+                    int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    int64_t r = 0;
+    for (; r + RB <= R; r += RB) block<RB, NB>(x, w, y, K, N, r, n);
+    for (; r < R; ++r) block<1, NB>(x, w, y, K, N, r, n);
+  }
+  for (; n < n1; ++n) {
+    for (int64_t r = 0; r < R; ++r) block<1, 1>(x, w, y, K, N, r, n);
+  }
+}
+
+template <typename W>
+void outputs(const float* x, const W* w, float* y, int64_t R, int64_t K, int64_t N, int64_t n0,
+             int64_t n1) {
+  switch (R) {
+    case 1: return rows_in_groups<1, 8>(x, w, y, R, K, N, n0, n1);
+    case 2: return rows_in_groups<2, 5>(x, w, y, R, K, N, n0, n1);
+    case 3: return rows_in_groups<3, 3>(x, w, y, R, K, N, n0, n1);
+    default: return rows_in_groups<4, 3>(x, w, y, R, K, N, n0, n1);
+  }
+}
+
+// Output blocks handed out to whichever thread asks next; the calling thread works too and
+// then waits only for blocks other threads have taken, so a busy pool cannot stall it.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t blocks = 0;
+  std::mutex mutex;
+  std::condition_variable finished;
+};
+
+template <typename W>
+void take_blocks(Work& work, const float* x, const W* w, float* y, int64_t R, int64_t K,
+                 int64_t N, int64_t per_block) {
+  for (int64_t b; (b = work.next.fetch_add(1)) < work.blocks;) {
+    outputs(x, w, y, R, K, N, b * per_block, std::min(N, (b + 1) * per_block));
+    if (work.done.fetch_add(1) + 1 == work.blocks) {
+      std::lock_guard<std::mutex> lock(work.mutex);
+      work.finished.notify_all();
+    }
+  }
+}
+
+template <typename W>
+void product(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t R, int64_t K,
+             int64_t N) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // a few blocks a thread, each a multiple of 24 outputs (every group size above divides it)
+  const int64_t per_block = std::max<int64_t>(24, (N / (4 * threads) + 23) / 24 * 24);
+  auto work = std::make_shared<Work>();
+  work->blocks = (N + per_block - 1) / per_block;
+  for (int64_t t = 1; t < std::min(threads, work->blocks); ++t) {
+    pool.Schedule([=] { take_blocks(*work, x, w, y, R, K, N, per_block); });
+  }
+  take_blocks(*work, x, w, y, R, K, N, per_block);
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->finished.wait(lock, [&] { return work->done.load() == work->blocks; });
+}
+
+ffi::Error RowsTimesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                         ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
+    return ffi::Error::InvalidArgument("rows_times: x (R, K) and w (N, K) expected");
+  }
+  const int64_t R = xd[0], K = xd[1], N = wd[0];
+  if (x.element_type() != ffi::F32) {
+    return ffi::Error::InvalidArgument("rows_times: x must be float32");
+  }
+  const float* xs = x.typed_data<float>();
+  if (w.element_type() == ffi::F32) {
+    product(pool, xs, w.typed_data<float>(), y->typed_data(), R, K, N);
+  } else if (w.element_type() == ffi::BF16) {
+    product(pool, xs, reinterpret_cast<const uint16_t*>(w.untyped_data()), y->typed_data(), R,
+            K, N);
+  } else {
+    return ffi::Error::InvalidArgument("rows_times: w must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsTimes, RowsTimesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,51 @@
+"""A decode step's few rows times a weight matrix with the native kernel (`rows_times.cc`),
+where it is faster than XLA:CPU's library products.
+
+Measured on gpt2's 49 weight products (docs/benchmarks.md): from 2 to 16 rows in float32 and
+from 1 to 16 in bfloat16 the kernel is faster; a lone float32 row runs as fast in XLA's own
+one-row product, and past 16 rows XLA's library products win. A prefill (many tokens a row)
+stays with XLA, so a prompt's keys, values and logits do not depend on how it is batched.
+The kernel sums each row in an order of its own that does not depend on the other rows, so a
+row's logits are the same bits in every decode batch of up to MAX_ROWS rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from nanogpt_jax.kernels import native
+
+MAX_ROWS = 16
+
+
+def applies(x: jax.Array, w: jax.Array) -> bool:
+    """Whether x (B, 1, in) times w goes to the kernel: one token a row (a decode step) on a
+    CPU, 2 to MAX_ROWS rows (1 in bfloat16), a float32 or bfloat16 weight, and a kernel built
+    for this machine."""
+    rows = math.prod(x.shape[:-1])
+    fewest = 1 if w.dtype == jnp.bfloat16 else 2
+    return (
+        x.ndim == 3
+        and x.shape[1] == 1
+        and fewest <= rows <= MAX_ROWS
+        and w.dtype in (jnp.float32, jnp.bfloat16)
+        and jax.default_backend() == "cpu"
+        and native.available("rows_times", "RowsTimes")
+    )
+
+
+def rows_times(rows: jax.Array, w: jax.Array) -> jax.Array:
+    """rows (R, K) times w (*out, K) -> (R, *out) in float32. bfloat16 rows become float32
+    exactly and every product of two bfloat16 numbers is exact in float32: only the order of
+    the float32 sums differs from XLA's."""
+    if not native.register("rows_times", "RowsTimes"):
+        raise RuntimeError("the rows_times kernel could not be built for this machine")
+    weight = w.reshape(-1, w.shape[-1])
+    out = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[0]), jnp.float32)
+    y = jax.ffi.ffi_call("rows_times", out, vmap_method="sequential")(
+        rows.astype(jnp.float32), weight
+    )
+    return y.reshape(rows.shape[:1] + w.shape[:-1])

@@ -1,0 +1,96 @@
+"""The native few-rows product against float64 numpy, its rows independent of each other, when
+it is used, and what happens when it cannot be built."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanogpt_jax.kernels import native
+from nanogpt_jax.kernels.rows_times import MAX_ROWS, applies, rows_times
+
+SHAPES = [(1, 768, 2304), (2, 8, 1), (3, 100, 37), (5, 3072, 768), (8, 64, 512), (16, 13, 5)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("R, K, N", SHAPES)
+def test_the_product_is_float32_accurate(dtype, R, K, N):
+    """Within the float32 error bound of a K-term sum (K * eps * sum |x w|) of the exact
+    product, for widths that are and are not a multiple of the vector length."""
+    rng = np.random.default_rng(R * K + N)
+    x = jnp.asarray(rng.normal(size=(R, K)), jnp.float32).astype(dtype)
+    w = jnp.asarray(rng.normal(size=(N, K)), jnp.float32).astype(dtype)
+    got = np.asarray(jax.jit(rows_times)(x, w))
+    xs, ws = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    exact = xs @ ws.T
+    bound = K * np.finfo(np.float32).eps * (np.abs(xs) @ np.abs(ws).T)
+    assert got.shape == (R, N) and got.dtype == np.float32
+    assert np.all(np.abs(got - exact) <= bound)
+    assert np.abs(got - exact).max() < 1e-3 * np.abs(exact).max()  # not vacuous
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_rows_result_does_not_depend_on_the_other_rows(dtype):
+    """Row r of a product of R rows is the same bits for every R from r+1 to 16: a seeded
+    request decodes the same text alone or beside others."""
+    rng = np.random.default_rng(0)
+    for K, N in [(256, 1000), (100, 77)]:
+        x = jnp.asarray(rng.normal(size=(16, K)), jnp.float32).astype(dtype)
+        w = jnp.asarray(rng.normal(size=(N, K)), jnp.float32).astype(dtype)
+        full = np.asarray(jax.jit(rows_times)(x, w))
+        for R in range(1, 16):
+            np.testing.assert_array_equal(np.asarray(jax.jit(rows_times)(x[:R], w)), full[:R])
+        shuffled = np.asarray(jax.jit(rows_times)(x[::-1], w))
+        np.testing.assert_array_equal(shuffled, full[::-1])
+
+
+def test_the_kernel_takes_a_decode_steps_few_rows_only(monkeypatch):
+    f32, bf16 = jnp.zeros((8, 4), jnp.float32), jnp.zeros((8, 4), jnp.bfloat16)
+
+    def step(rows, tokens=1):
+        return jnp.zeros((rows, tokens, 4), jnp.float32)
+
+    assert applies(step(2), f32) and applies(step(MAX_ROWS), f32)
+    assert applies(step(1), bf16) and applies(step(MAX_ROWS), bf16)
+    assert not applies(step(1), f32)  # XLA's one-row product is as fast
+    assert not applies(step(MAX_ROWS + 1), f32) and not applies(step(MAX_ROWS + 1), bf16)
+    assert not applies(step(2, tokens=2), f32)  # a prefill
+    assert not applies(jnp.zeros((4, 4)), f32)
+    assert not applies(step(2), jnp.zeros((8, 4), jnp.float16))
+    monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")
+    assert not applies(step(2), f32)
+
+
+def test_without_a_compiler_the_model_falls_back_to_xla(tmp_path):
+    """CXX names a compiler that fails: a one-line note, no kernel, and generation works with
+    XLA's products (in a fresh process, with an empty cache directory)."""
+    code = (
+        "import jax.numpy as jnp\n"
+        "from nanogpt_jax.kernels.rows_times import applies\n"
+        "from nanogpt_jax.kernels import native\n"
+        "assert not applies(jnp.zeros((2, 1, 8)), jnp.zeros((4, 8)))\n"
+        "assert not native.register('rows_times', 'RowsTimes')\n"
+        "print('fallback ok')\n"
+    )
+    env = {"CXX": "false", "NANOGPT_JAX_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout
+    notes = [line for line in result.stderr.splitlines() if "rows_times kernel" in line]
+    assert len(notes) == 1 and "using XLA's operations" in notes[0]
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_build_is_kept_and_reused(tmp_path, monkeypatch):
+    """The first build writes one library under the cache directory; the next finds it."""
+    monkeypatch.setenv("NANOGPT_JAX_HOME", str(tmp_path))
+    built = native.build("rows_times")
+    assert built is not None and built.parent == tmp_path / "kernels"
+    stamp = built.stat().st_mtime_ns
+    assert native.build("rows_times") == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]
