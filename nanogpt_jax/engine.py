@@ -30,10 +30,12 @@ of one row in another order than a product of several, and hands large reduction
 that sums in yet another order; so reductions stay in XLA's own loops (CPU_COMPILER_OPTIONS),
 and the server decodes with at least MIN_ROWS rows. A prefill's products have a row per prompt
 token (its lm_head takes each prompt's last position twice), so a prompt prefilled alone gets
-the keys, values and logits it gets beside others. A decode batch of one row keeps the one-row
-kernels, twice as fast at batch 1: its logits match a batched row's to about 1e-6 of their
-scale, not bit for bit. tests/test_batch_invariance.py checks both. On a GPU it holds
-only as far as its kernels are batch-invariant.
+the keys, values and logits it gets beside others. A decode step of 2 to 16 rows (1 to 16 in
+bfloat16) multiplies in the native kernel (`kernels/rows_times.py`), which sums each row on
+its own; a float32 batch of one row keeps XLA's one-row kernels (as fast), and past 16 rows
+XLA's library products are faster: there a row's logits match a 2-16-row batch's to about
+1e-6 of their scale, not bit for bit. tests/test_batch_invariance.py checks each. On a GPU it
+holds only as far as its kernels are batch-invariant.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A row's logits do not depend on the rows beside it or on the cache size, bit for bit:
 what lets a server promise that a seeded request gives the same text alone or under load.
-(On XLA:CPU this needs reductions kept out of the YNNPACK library and at least two rows per
-product; see "Batch invariance" in nanogpt_jax.engine.)"""
+(On XLA:CPU this needs reductions kept out of the YNNPACK library, at least two rows per
+product, and a decode step's products all in the native kernel, up to 16 rows; see "Batch
+invariance" in nanogpt_jax.engine.)"""
 
 import dataclasses
 
@@ -87,6 +88,16 @@ def test_a_lone_row_is_close_to_a_batched_one(bundle):
     alone = logits_of_row_0(bundle, others=0, num_slots=32, window=0)
     batched = logits_of_row_0(bundle, others=3, num_slots=32, window=0)
     assert relative_logit_error(alone, batched) < 1e-5
+
+
+def test_a_row_of_a_big_batch_is_close_to_one_of_a_small_batch(bundle):
+    """Past MAX_ROWS rows a decode step's products go to XLA's library, not the native
+    kernel: close to a small batch's logits, though not the same bits."""
+    from nanogpt_jax.kernels.rows_times import MAX_ROWS
+
+    small = logits_of_row_0(bundle, others=3, num_slots=32, window=0)
+    big = logits_of_row_0(bundle, others=MAX_ROWS, num_slots=32, window=0)
+    assert 0.0 < relative_logit_error(big, small) < 1e-5
 
 
 def test_a_sample_is_the_same_whatever_else_is_drawn_beside_it(bundle):
