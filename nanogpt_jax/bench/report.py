@@ -30,6 +30,8 @@ COLUMNS = (
     "peak_mem_gb",
     "floor_ms_per_token",
     "fraction_of_floor",
+    "bound_ms_per_token",
+    "fraction_of_bound",
     "agree",
     "agree_steps",
     "valid_ids",
@@ -63,6 +65,8 @@ TABLE = (
 )
 # columns printed only when some row has them: a mesh run's, a profiled run's
 OPTIONAL = (
+    ("bound ms", "bound_ms_per_token", "{:.2f}"),
+    ("of bound", "fraction_of_bound", "{:.0%}"),
     ("scaling", "scaling_efficiency", "{:.0%}"),
     ("ops/step", "ops_per_step", "{:.0f}"),
     ("busy ms", "busy_ms_per_step", "{:.2f}"),

@@ -19,6 +19,9 @@ Definitions (one row per implementation and cell):
   decode_tok_s      B / ms_per_token
   floor_ms_per_token the hardware floor of one KV-cached decode step at the mean context
   fraction_of_floor floor_ms_per_token / ms_per_token (1.0 = at the floor)
+  bound_ms_per_token  the step's products alone (weights and attention's, at the mean
+                    context), in the faster of XLA and PyTorch on this machine (`bound.py`)
+  fraction_of_bound bound_ms_per_token / ms_per_token: the share of a step that is products
   scaling_efficiency  (jax-mesh rows) tok_s on the mesh's N devices / (N * the jax row's
                     tok_s on one device), same cell: 1.0 is perfect scaling
   ops_per_step, busy_ms_per_step  (with `profile`) from one more run, traced by jax.profiler
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanogpt_jax.bench import bound as bench_bound
 from nanogpt_jax.bench import hardware as bench_hardware
 from nanogpt_jax.bench import implementations as bench_impls
 from nanogpt_jax.bench import profile as bench_profile
@@ -70,6 +74,7 @@ class Settings:
     strict: bool = True  # stop before timing when implementations disagree
     mesh: str | None = None  # e.g. data:4,model:2: also time `jax-mesh` on that many devices
     profile: bool = False  # trace one more run of each cell: where a step's time goes
+    bound: bool = True  # time each cell's decode-step products alone (`bench/bound.py`)
     sampling: str = "greedy"  # greedy | nanogpt (temperature 0.8, top_k 200) | both
     torch_cpu_variants: tuple[str, ...] = (
         bench_impls.TORCH_CPU_CANDIDATES
@@ -259,6 +264,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
     ]
     tqdm = require("tqdm", "the benchmark").tqdm
 
+    bounds = report["bounds"] = []
     progress = tqdm(total=len(cells) * len(impls), file=sys.stderr, unit="run")
     for mode, batch, prompt_len, num_new in cells:
         prompts = rng.integers(0, tokenizer.vocab_size, (batch, prompt_len))
@@ -267,6 +273,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
             config, weight_bytes, batch, prompt_len + num_new / 2, itemsize
         )
         floor_ms = 1e3 * bench_hardware.floor_seconds(cost, hardware)
+        bound = products_bound(settings, bundle, batch, prompt_len + num_new // 2, bounds)
         for name, impl in impls.items():
             progress.set_description(f"{name} {mode} B={batch} P={prompt_len} N={num_new}")
             row = dict(impl=name, sampling=mode, batch_size=batch, prompt_len=prompt_len)
@@ -291,6 +298,9 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
             row["floor_ms_per_token"] = floor_ms
             ms = row.get("ms_per_token")
             row["fraction_of_floor"] = floor_ms / ms if ms else None
+            if bound:
+                row["bound_ms_per_token"] = bound["bound_ms"]
+                row["fraction_of_bound"] = bound["bound_ms"] / ms if ms else None
             row["scaling_efficiency"] = scaling_efficiency(row, report["results"])
             report["results"].append(row)
             report["headline"] = headline(report["results"])
@@ -306,6 +316,25 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
     except UserError as e:
         log(f"note: no throughput.png: {e}")
     return report
+
+
+def products_bound(settings: Settings, bundle, batch: int, context: int, bounds: list) -> dict:
+    """The cell's products-alone bound (`bench/bound.py`), measured once per batch size and
+    context and kept in `bounds`; none with a mesh or `bound=False`."""
+    if not settings.bound or settings.mesh:
+        return {}
+    for known in bounds:
+        if (known["batch_size"], known["context"]) == (batch, context):
+            return known
+    from nanogpt_jax.engine import default_cache_dtype
+
+    torch_too = settings.device == "cpu" and any(bench_impls.NEEDS.get(n) for n in settings.impls)
+    cache_dtype = default_cache_dtype(settings.dtype)
+    measured = bench_bound.products_bound(
+        bundle.params, bundle.config.n_head, batch, context, cache_dtype, torch_too
+    )
+    bounds.append(dict(batch_size=batch, context=context, **measured))
+    return bounds[-1]
 
 
 def profile_cell(impl, prompts, num_new: int, out_dir: Path, dtype: str) -> dict:

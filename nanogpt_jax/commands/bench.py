@@ -55,6 +55,7 @@ class BenchFlags:
         None, "e.g. data:8 or data:4,model:2: adds jax-mesh on that many devices, with scaling"
     )
     profile: bool = flag(False, "trace one more run of each cell: DIR/profile-*.txt")
+    bound: bool = flag(True, "time each cell's decode-step products alone, in XLA and torch")
     torch_cpu_variants: str = flag(
         "eager,freezing,cpp-wrapper",
         "ways torch-fast may run on a CPU, the fastest kept per shape: eager, compiled, "
@@ -108,6 +109,7 @@ def main(argv: list[str]) -> None:
         max_seconds=flags.max_seconds,
         strict=flags.strict,
         profile=flags.profile,
+        bound=flags.bound,
         sampling=flags.sampling,
         torch_cpu_variants=tuple(flags.torch_cpu_variants.split(",")),
     )

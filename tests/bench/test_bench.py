@@ -47,7 +47,16 @@ def test_bench_smoke(tmp_path):
     report = json.loads((out / "results.json").read_text())
     assert report["agree"] is True
     assert report["agreement"]["steps"] == 16
-    assert report["hardware"]["bandwidth_gbs"] > 0 and report["hardware"]["matmul_tflops"] > 0
+    hardware = report["hardware"]
+    assert hardware["bandwidth_gbs"] > 0 and hardware["matmul_tflops"] > 0
+    # a decode step reads: its floor uses the read rate, not the update's read + write bytes
+    assert hardware["bandwidth_gbs"] == hardware["read_gbs"] and hardware["copy_gbs"] > 0
+    # the products-alone bound: once per batch size and context, in XLA and in torch
+    bounds = {(b["batch_size"], b["context"]): b for b in report["bounds"]}
+    assert set(bounds) == {(1, 8 + 6 // 2), (2, 8 + 6 // 2)}, bounds
+    for b in bounds.values():
+        assert b["bound_ms"] == min(b["xla_ms"], b["torch_ms"]) > 0
+        assert b["bound_library"] in ("xla", "torch")
     rows = report["results"]
     assert {(r["impl"], r["batch_size"]) for r in rows} == {
         (impl, b) for impl in CPU_IMPLS.split(",") for b in (1, 2)
@@ -57,6 +66,8 @@ def test_bench_smoke(tmp_path):
             assert row[column] > 0, (row["impl"], column)
         assert row["agree_steps"] == 6, row["impl"]  # float32: same tokens as jax
         assert ("fraction_of_floor" in row) and ("ms_per_token" in row)
+        assert row["bound_ms_per_token"] > 0, row["impl"]
+        assert row["ms_per_token"] is None or row["fraction_of_bound"] > 0, row["impl"]
     assert rows[0]["compile_s"] > 0  # the jax engine compiled, and said how long it took
     for row in rows:  # --profile traced every row once more
         assert row["ops_per_step"] > 0 and row["busy_ms_per_step"] > 0, row["impl"]
@@ -65,6 +76,7 @@ def test_bench_smoke(tmp_path):
     assert "\naten::addmm " in (out / "profile-hf-b2-p8-n6.txt").read_text()
     heading = result.stdout.splitlines()[1]
     assert "ops/step" in heading and "busy ms" in heading and "scaling" not in heading
+    assert "of bound" in heading
 
     with open(out / "results.csv") as f:
         header = next(csv.reader(f))
