@@ -2,13 +2,14 @@
 
 The hardware floor (`hardware.py`) assumes products that read at full bandwidth or multiply at
 the large-matrix rate; a library's few-row products may do neither. The bound is what the
-libraries at hand achieve on one decode step's own products: every weight product (each
-layer's four and the tied lm_head) and attention's two over the context's keys and values,
-chained so that none can be hoisted out of the loop, at the step's batch size and dtype, once
-through XLA (the engine's own `rows_times`) and once through PyTorch (`F.linear`,
-`torch.matmul`). No softmax, norm, GELU, cache write or draw: a step that does its products
-at the rate of the faster library cannot take less, so a step's `ms_per_token` over the bound
-says how much of it is something other than products.
+libraries at hand achieve on one decode step's own weight products (each layer's four and
+the tied lm_head), chained so that none can be hoisted out of the loop, at the step's batch
+size and dtype, once through the engine's own `rows_times` (XLA, or the native kernel where
+the step uses it) and once through PyTorch (`F.linear`). No attention, norm, GELU, cache
+write or draw: a step whose weights are multiplied at the rate of the faster library cannot
+take less, so the bound over a step's `ms_per_token` says how much of it is those products.
+(Attention is left out: its cost depends on how the cache is read, which is the engine's
+choice, not a library's rate; see `attend_filled`.)
 """
 
 from __future__ import annotations
@@ -43,38 +44,33 @@ def step_weights(params) -> tuple[list[list[jax.Array]], jax.Array]:
     return layers, tree["wte"]["embedding"]
 
 
-def xla_seconds(params, n_head: int, batch: int, context: int, cache_dtype) -> float:
-    """Median seconds per step of the products alone, through the engine's own `rows_times`
-    (the native kernel where the engine's decode step uses it), the weights as stored."""
+def xla_seconds(params, batch: int) -> float:
+    """Median seconds per step of the weight products alone, through the engine's own
+    `rows_times` (the native kernel where the engine's decode step uses it), as stored."""
     layers, lm_head = jax.tree.map(jnp.asarray, step_weights(params))
     dtype = lm_head.dtype
     C = lm_head.shape[1]
-    D = C // n_head
-    cache = [jnp.zeros((2, batch * n_head, context, D), cache_dtype) for _ in layers]
 
     def product(x, w):  # x (B, C): one token a row, as a decode step gives it
         return rows_times(x[:, None, :].astype(dtype), w)[:, 0]
 
-    def run(x, layers, lm_head, cache):
+    def run(x, layers, lm_head):
         def step(x, _):
-            for (qkv_w, proj_w, fc_w, out_w), kv in zip(layers, cache, strict=True):
-                q = product(x, qkv_w)[:, :C].reshape(batch * n_head, 1, D)
-                scores = jnp.einsum("rtd,rsd->rts", q, kv[0].astype(jnp.float32))
-                y = jnp.einsum("rts,rsd->rtd", scores, kv[1].astype(jnp.float32))
-                x = x + product(y.reshape(batch, C), proj_w)
+            for qkv_w, proj_w, fc_w, out_w in layers:
+                x = x + product(product(x, qkv_w)[:, :C], proj_w)
                 x = jnp.tanh(x + product(product(x, fc_w), out_w))
             return x + 1e-3 * product(x, lm_head)[:, :C], None
 
         return jax.lax.scan(step, x, None, length=STEPS)[0]
 
     x = jnp.ones((batch, C), jnp.float32) * 0.01
-    times = call_seconds(jax.jit(run), x, layers, lm_head, cache, repeats=3)
+    times = call_seconds(jax.jit(run), x, layers, lm_head, repeats=3)
     return statistics.median(times) / STEPS
 
 
-def torch_seconds(params, n_head: int, batch: int, context: int) -> float:
+def torch_seconds(params, batch: int) -> float:
     """Median seconds per step of the same products in PyTorch (eager: on a CPU, Inductor
-    leaves products to the same kernels), weights and cache in the stored dtype."""
+    leaves products to the same kernels), the weights in their stored dtype."""
     import torch
     import torch.nn.functional as F
 
@@ -89,16 +85,12 @@ def torch_seconds(params, n_head: int, batch: int, context: int) -> float:
     layers = [[tensor(w) for w in layer] for layer in stored[0]]
     lm_head = tensor(stored[1])
     C = lm_head.shape[1]
-    D = C // n_head
-    cache = [torch.zeros(2, batch * n_head, context, D, dtype=dtype) for _ in layers]
 
     @torch.no_grad()
     def run(x):
         for _ in range(STEPS):
-            for (qkv_w, proj_w, fc_w, out_w), kv in zip(layers, cache, strict=True):
-                q = F.linear(x, qkv_w)[:, :C].reshape(batch * n_head, 1, D)
-                y = torch.matmul(torch.matmul(q, kv[0].transpose(1, 2)), kv[1])
-                x = x + F.linear(y.reshape(batch, C), proj_w)
+            for qkv_w, proj_w, fc_w, out_w in layers:
+                x = x + F.linear(F.linear(x, qkv_w)[:, :C], proj_w)
                 x = torch.tanh(x + F.linear(F.linear(x, fc_w), out_w))
             x = x + 1e-3 * F.linear(x, lm_head)[:, :C]
         return x
@@ -113,10 +105,10 @@ def torch_seconds(params, n_head: int, batch: int, context: int) -> float:
     return statistics.median(times) / STEPS
 
 
-def products_bound(params, n_head: int, batch: int, context: int, cache_dtype, torch_too) -> dict:
-    """ms per step of the products alone in each library, and the faster: the bound."""
-    bound = {"xla_ms": 1e3 * xla_seconds(params, n_head, batch, context, cache_dtype)}
+def products_bound(params, batch: int, torch_too: bool) -> dict:
+    """ms per step of the weight products alone in each library, and the faster: the bound."""
+    bound = {"xla_ms": 1e3 * xla_seconds(params, batch)}
     if torch_too:
-        bound["torch_ms"] = 1e3 * torch_seconds(params, n_head, batch, context)
+        bound["torch_ms"] = 1e3 * torch_seconds(params, batch)
     library = min(bound, key=bound.get)
     return bound | {"bound_ms": bound[library], "bound_library": library.removesuffix("_ms")}

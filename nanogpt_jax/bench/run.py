@@ -19,9 +19,9 @@ Definitions (one row per implementation and cell):
   decode_tok_s      B / ms_per_token
   floor_ms_per_token the hardware floor of one KV-cached decode step at the mean context
   fraction_of_floor floor_ms_per_token / ms_per_token (1.0 = at the floor)
-  bound_ms_per_token  the step's products alone (weights and attention's, at the mean
-                    context), in the faster of XLA and PyTorch on this machine (`bound.py`)
-  fraction_of_bound bound_ms_per_token / ms_per_token: the share of a step that is products
+  bound_ms_per_token  the step's weight products alone, in the faster of XLA and PyTorch on
+                    this machine (`bound.py`)
+  fraction_of_bound bound_ms_per_token / ms_per_token: the share of a step those take
   scaling_efficiency  (jax-mesh rows) tok_s on the mesh's N devices / (N * the jax row's
                     tok_s on one device), same cell: 1.0 is perfect scaling
   ops_per_step, busy_ms_per_step  (with `profile`) from one more run, traced by jax.profiler
@@ -273,7 +273,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
             config, weight_bytes, batch, prompt_len + num_new / 2, itemsize
         )
         floor_ms = 1e3 * bench_hardware.floor_seconds(cost, hardware)
-        bound = products_bound(settings, bundle, batch, prompt_len + num_new // 2, bounds)
+        bound = products_bound(settings, bundle, batch, bounds)
         for name, impl in impls.items():
             progress.set_description(f"{name} {mode} B={batch} P={prompt_len} N={num_new}")
             row = dict(impl=name, sampling=mode, batch_size=batch, prompt_len=prompt_len)
@@ -318,22 +318,17 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
     return report
 
 
-def products_bound(settings: Settings, bundle, batch: int, context: int, bounds: list) -> dict:
-    """The cell's products-alone bound (`bench/bound.py`), measured once per batch size and
-    context and kept in `bounds`; none with a mesh or `bound=False`."""
+def products_bound(settings: Settings, bundle, batch: int, bounds: list) -> dict:
+    """The weight products' bound for a batch size (`bench/bound.py`), measured once and kept
+    in `bounds`; none with a mesh or `bound=False`."""
     if not settings.bound or settings.mesh:
         return {}
     for known in bounds:
-        if (known["batch_size"], known["context"]) == (batch, context):
+        if known["batch_size"] == batch:
             return known
-    from nanogpt_jax.engine import default_cache_dtype
-
     torch_too = settings.device == "cpu" and any(bench_impls.NEEDS.get(n) for n in settings.impls)
-    cache_dtype = default_cache_dtype(settings.dtype)
-    measured = bench_bound.products_bound(
-        bundle.params, bundle.config.n_head, batch, context, cache_dtype, torch_too
-    )
-    bounds.append(dict(batch_size=batch, context=context, **measured))
+    measured = bench_bound.products_bound(bundle.params, batch, torch_too)
+    bounds.append(dict(batch_size=batch, **measured))
     return bounds[-1]
 
 
