@@ -377,6 +377,24 @@ def plain_product(x, w):
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
 
+def greedy_both_ways(bundle, rows, switch, label: str) -> tuple[float, float]:
+    """80 greedy steps past block_size (64), traced afresh before and after `switch()`: the
+    same tokens, rows that wander; the largest logit difference and the logits' scale."""
+    steps = 80  # every row crosses block_size (64)
+    jax.clear_caches()
+    logits, tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
+    switch()
+    jax.clear_caches()  # traced again, the other way
+    expected_logits, expected_tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    for row in tokens:
+        assert distinct_new(row, 0) > 10, row
+    worst = max(max_abs_diff(a, b) for a, b in zip(logits, expected_logits, strict=True))
+    scale = max(float(np.abs(x).max()) for x in expected_logits)
+    print(f"{label}, {len(rows)} rows: max |logit difference| {worst:.2e} of scale {scale:.1f}")
+    return worst, scale
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [[[11, 22, 33]], [[11, 22, 33], list(range(100, 113))]])
 def test_products_of_row_matrices_change_no_token(gpt2_checkpoint, monkeypatch, dtype, rows):
@@ -385,20 +403,14 @@ def test_products_of_row_matrices_change_no_token(gpt2_checkpoint, monkeypatch, 
     every logit, and in bfloat16 the logits differ only by summation order. (XLA's products
     only: the native kernel is tested against them below.)"""
     monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")
-    jax.clear_caches()
     bundle = nanogpt_jax.load(gpt2_checkpoint[0], dtype=dtype)
-    steps = 80  # every row crosses block_size (64)
-    logits, tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
-    monkeypatch.setattr(nanogpt_jax.model, "rows_times", plain_product)
-    jax.clear_caches()  # traced again, with the plain products
-    expected_logits, expected_tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
-    np.testing.assert_array_equal(tokens, expected_tokens)
-    worst = max(max_abs_diff(a, b) for a, b in zip(logits, expected_logits, strict=True))
-    scale = max(float(np.abs(x).max()) for x in expected_logits)
-    print(f"{dtype}, {len(rows)} rows: max |logit difference| {worst:.2e} of scale {scale:.1f}")
+    worst, scale = greedy_both_ways(
+        bundle,
+        rows,
+        lambda: monkeypatch.setattr(nanogpt_jax.model, "rows_times", plain_product),
+        dtype,
+    )
     assert worst <= (0.0 if dtype == "float32" else 1e-5 * scale)
-    for row in tokens:
-        assert distinct_new(row, 0) > 10, row
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -409,22 +421,13 @@ def test_the_native_products_change_no_token(gpt2_checkpoint, monkeypatch, dtype
     within 1e-5 of their scale (float32 sums in another order). One float32 row stays with
     XLA, so there every logit is equal."""
     bundle = nanogpt_jax.load(gpt2_checkpoint[0], dtype=dtype)
-    steps = 80  # every row crosses block_size (64)
-    jax.clear_caches()
-    logits, tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
-    monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")
-    jax.clear_caches()  # traced again, every product in XLA
-    expected_logits, expected_tokens = stepwise_logits(bundle, rows, steps, Engine(bundle))
-    np.testing.assert_array_equal(tokens, expected_tokens)
-    worst = max(max_abs_diff(a, b) for a, b in zip(logits, expected_logits, strict=True))
-    scale = max(float(np.abs(x).max()) for x in expected_logits)
-    print(f"{dtype}, {len(rows)} rows: max |logit difference| {worst:.2e} of scale {scale:.1f}")
+    worst, scale = greedy_both_ways(
+        bundle, rows, lambda: monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0"), dtype
+    )
     if dtype == "float32" and len(rows) == 1:
         assert worst == 0.0
     else:
         assert 0.0 < worst <= 1e-5 * scale  # the kernel ran, and summed in its own order
-    for row in tokens:
-        assert distinct_new(row, 0) > 10, row
 
 
 def attend_one_way(way):

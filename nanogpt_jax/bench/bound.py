@@ -15,7 +15,6 @@ choice, not a library's rate; see `attend_filled`.)
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -96,12 +95,7 @@ def torch_seconds(params, batch: int) -> float:
         return x
 
     x = torch.full((batch, C), 0.01, dtype=dtype)
-    run(x)
-    times = []
-    for _ in range(3):
-        began = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - began)
+    times = call_seconds(run, x, repeats=3)  # a CPU tensor is ready when run returns
     return statistics.median(times) / STEPS
 
 

@@ -11,8 +11,6 @@ row's logits are the same bits in every decode batch of up to MAX_ROWS rows.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -25,12 +23,11 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
     """Whether x (B, 1, in) times w goes to the kernel: one token a row (a decode step) on a
     CPU, 2 to MAX_ROWS rows (1 in bfloat16), a float32 or bfloat16 weight, and a kernel built
     for this machine."""
-    rows = math.prod(x.shape[:-1])
     fewest = 1 if w.dtype == jnp.bfloat16 else 2
     return (
         x.ndim == 3
         and x.shape[1] == 1
-        and fewest <= rows <= MAX_ROWS
+        and fewest <= x.shape[0] <= MAX_ROWS
         and w.dtype in (jnp.float32, jnp.bfloat16)
         and jax.default_backend() == "cpu"
         and native.available("rows_times", "RowsTimes")
