@@ -19,7 +19,7 @@ import jax
 from nanogpt_jax.bench.bound import xla_seconds
 from nanogpt_jax.bench.hardware import cpu_name
 from nanogpt_jax.bench.run import random_bundle
-from nanogpt_jax.kernels import native
+from nanogpt_jax.kernels import rows_times
 
 
 def products_ms(params, batch: int, kernel: bool) -> float:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--batch_sizes", default="1,2,8,16,32")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if not native.register("rows_times", "RowsTimes"):
+    if not rows_times.built():
         raise SystemExit("error: the rows_times kernel cannot be built on this machine")
     print(f"{cpu_name()}; jax {jax.__version__}; {args.model}, ms a step of its weight products")
     print(

@@ -7,8 +7,8 @@
 // registers, converted from bfloat16 in registers (a 16-bit shift), and accumulated in float32
 // with fused multiply-adds; the work is split over XLA's intra-op threads by output blocks.
 //
-// Written with the compiler's vector extensions, not intrinsics: it is compiled on the machine
-// that runs it (`-march=native`), for its own vector width and instruction set.
+// Written with the compiler's vector extensions (an x86 FMA intrinsic where the CPU has FMA,
+// see multiply_add): it is compiled on the machine that runs it (`-march=native`).
 
 #include <algorithm>
 #include <atomic>

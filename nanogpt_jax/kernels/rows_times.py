@@ -17,6 +17,12 @@ import jax.numpy as jnp
 from nanogpt_jax.kernels import native
 
 MAX_ROWS = 16
+NAME, SYMBOL = "rows_times", "RowsTimes"  # the FFI target, and its handler in the library
+
+
+def built() -> bool:
+    """Whether the kernel is built and registered in this process (NANOGPT_JAX_KERNELS aside)."""
+    return native.register(NAME, SYMBOL)
 
 
 def applies(x: jax.Array, w: jax.Array) -> bool:
@@ -30,7 +36,7 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
         and fewest <= x.shape[0] <= MAX_ROWS
         and w.dtype in (jnp.float32, jnp.bfloat16)
         and jax.default_backend() == "cpu"
-        and native.available("rows_times", "RowsTimes")
+        and native.available(NAME, SYMBOL)
     )
 
 
@@ -38,11 +44,9 @@ def rows_times(rows: jax.Array, w: jax.Array) -> jax.Array:
     """rows (R, K) times w (*out, K) -> (R, *out) in float32. bfloat16 rows become float32
     exactly and every product of two bfloat16 numbers is exact in float32: only the order of
     the float32 sums differs from XLA's."""
-    if not native.register("rows_times", "RowsTimes"):
+    if not built():
         raise RuntimeError("the rows_times kernel could not be built for this machine")
     weight = w.reshape(-1, w.shape[-1])
     out = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[0]), jnp.float32)
-    y = jax.ffi.ffi_call("rows_times", out, vmap_method="sequential")(
-        rows.astype(jnp.float32), weight
-    )
+    y = jax.ffi.ffi_call(NAME, out, vmap_method="sequential")(rows.astype(jnp.float32), weight)
     return y.reshape(rows.shape[:1] + w.shape[:-1])
