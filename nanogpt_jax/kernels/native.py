@@ -53,11 +53,20 @@ def build(name: str) -> Path | None:
     if cxx is None:
         return None
     source = SOURCES / f"{name}.cc"
+    headers = [h.read_text() for h in sorted(SOURCES.glob("*.h"))]  # what the sources include
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
         "\0".join(
-            [source.read_text(), version, jax.__version__, include, cpu_signature(), *FLAGS]
+            [
+                source.read_text(),
+                *headers,
+                version,
+                jax.__version__,
+                include,
+                cpu_signature(),
+                *FLAGS,
+            ]
         ).encode()
     ).hexdigest()[:16]
     library = cache_home() / "kernels" / f"{name}-{key}.so"
@@ -68,7 +77,7 @@ def build(name: str) -> Path | None:
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         built = Path(scratch) / library.name
         result = subprocess.run(
-            [cxx, *FLAGS, f"-I{include}", str(source), "-o", str(built)],
+            [cxx, *FLAGS, f"-I{SOURCES}", f"-I{include}", str(source), "-o", str(built)],
             capture_output=True,
             text=True,
             timeout=600,

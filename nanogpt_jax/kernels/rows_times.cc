@@ -7,70 +7,21 @@
 // registers, converted from bfloat16 in registers (a 16-bit shift), and accumulated in float32
 // with fused multiply-adds; the work is split over XLA's intra-op threads by output blocks.
 //
-// Written with the compiler's vector extensions (an x86 FMA intrinsic where the CPU has FMA,
-// see multiply_add): it is compiled on the machine that runs it (`-march=native`).
+// Written with the compiler's vector extensions (vectors.h): it is compiled on the machine
+// that runs it (`-march=native`).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
 
+#include "parallel.h"
+#include "vectors.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef uint16_t Half __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint32_t Word __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline Vec load(const uint16_t* p) {  // bfloat16: the high half of a float32
-  Half h;
-  std::memcpy(&h, p, sizeof(h));
-  Word w = __builtin_convertvector(h, Word) << 16;
-  Vec v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  uint32_t w = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &w, sizeof(f));
-  return f;
-}
-
-// a * b + c: fused where the CPU has FMA. Built with -ffp-contract=off, so that every row is
-// summed the same way in every block shape: a row's result does not depend on the other rows.
-inline Vec multiply_add(Vec a, Vec b, Vec c) {
-#if defined(__FMA__)
-  return (Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-  return a * b + c;
-#endif
-}
-
-inline float sum(Vec v) {
-  float total = 0.0f;
-  for (int i = 0; i < kLanes; ++i) total += v[i];
-  return total;
-}
+using namespace nanogpt_jax;
 
 // Rows [r0, r0 + RB) of y, outputs [n0, n0 + NB): RB * NB accumulators in registers. While it
 // works, it asks for the weight rows that come next (`ahead`, or nothing) as fast as it reads its
@@ -132,42 +83,16 @@ void outputs(const float* x, const W* w, float* y, int64_t R, int64_t K, int64_t
   }
 }
 
-// Output blocks handed out to whichever thread asks next; the calling thread works too and
-// then waits only for blocks other threads have taken, so a busy pool cannot stall it.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t blocks = 0;
-  std::mutex mutex;
-  std::condition_variable finished;
-};
-
-template <typename W>
-void take_blocks(Work& work, const float* x, const W* w, float* y, int64_t R, int64_t K,
-                 int64_t N, int64_t per_block) {
-  for (int64_t b; (b = work.next.fetch_add(1)) < work.blocks;) {
-    outputs(x, w, y, R, K, N, b * per_block, std::min(N, (b + 1) * per_block));
-    if (work.done.fetch_add(1) + 1 == work.blocks) {
-      std::lock_guard<std::mutex> lock(work.mutex);
-      work.finished.notify_all();
-    }
-  }
-}
-
 template <typename W>
 void product(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t R, int64_t K,
              int64_t N) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // a few blocks a thread, each a multiple of 24 outputs (every group size above divides it)
   const int64_t per_block = std::max<int64_t>(24, (N / (4 * threads) + 23) / 24 * 24);
-  auto work = std::make_shared<Work>();
-  work->blocks = (N + per_block - 1) / per_block;
-  for (int64_t t = 1; t < std::min(threads, work->blocks); ++t) {
-    pool.Schedule([=] { take_blocks(*work, x, w, y, R, K, N, per_block); });
-  }
-  take_blocks(*work, x, w, y, R, K, N, per_block);
-  std::unique_lock<std::mutex> lock(work->mutex);
-  work->finished.wait(lock, [&] { return work->done.load() == work->blocks; });
+  const int64_t blocks = (N + per_block - 1) / per_block;
+  nanogpt_jax::parallel_for(pool, blocks, [=](int64_t b) {
+    outputs(x, w, y, R, K, N, b * per_block, std::min(N, (b + 1) * per_block));
+  });
 }
 
 ffi::Error RowsTimesImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,

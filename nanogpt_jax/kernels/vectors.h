@@ -1,0 +1,63 @@
+// Eight float32 lanes, written with the compiler's vector extensions (an x86 FMA intrinsic
+// where the CPU has FMA), for this folder's kernels: each is compiled on the machine that runs
+// it (`-march=native`).
+
+#ifndef NANOGPT_JAX_KERNELS_VECTORS_H_
+#define NANOGPT_JAX_KERNELS_VECTORS_H_
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace nanogpt_jax {
+
+constexpr int kLanes = 8;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint16_t Half __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t Word __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline Vec load(const uint16_t* p) {  // bfloat16: the high half of a float32
+  Half h;
+  std::memcpy(&h, p, sizeof(h));
+  Word w = __builtin_convertvector(h, Word) << 16;
+  Vec v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  uint32_t w = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// a * b + c: fused where the CPU has FMA. Built with -ffp-contract=off, so that every row is
+// summed the same way in every block shape: a row's result does not depend on the other rows.
+inline Vec multiply_add(Vec a, Vec b, Vec c) {
+#if defined(__FMA__)
+  return (Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float sum(Vec v) {
+  float total = 0.0f;
+  for (int i = 0; i < kLanes; ++i) total += v[i];
+  return total;
+}
+
+}  // namespace nanogpt_jax
+
+#endif  // NANOGPT_JAX_KERNELS_VECTORS_H_
