@@ -34,8 +34,10 @@ the keys, values and logits it gets beside others. A decode step of 2 to 16 rows
 bfloat16) multiplies in the native kernel (`kernels/rows_times.py`), which sums each row on
 its own; a float32 batch of one row keeps XLA's one-row kernels (as fast), and past 16 rows
 XLA's library products are faster: there a row's logits match a 2-16-row batch's to about
-1e-6 of their scale, not bit for bit. tests/test_batch_invariance.py checks each. On a GPU it
-holds only as far as its kernels are batch-invariant.
+1e-6 of their scale, not bit for bit. A decode step's attention (the native kernel on a CPU,
+`kernels/decode_attention.py`, or XLA's blocks) sums over a row's own slots only.
+tests/test_batch_invariance.py checks each. On a GPU it holds only as far as its kernels are
+batch-invariant.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ MIN_ROWS = 2  # rows of every server program: see "Batch invariance" above
 # slots: 107 ms/step against 144 reading every slot; a batch's cache, sized to its request,
 # is within 2-4% either way in float32). Once the rows reach past half the cache, one product
 # over every block (no block copied out) is cheaper and gives the same bits (`attend_filled`).
-# On a GPU a loop of unknown length would stop the device for the host at each layer, so
-# every slot is read.
+# Where the native attention kernel is built, each row reads its own filled slots instead and
+# the blocks only round the cache's size (gpt2, batch 8: docs/benchmarks.md). On a GPU a loop
+# of unknown length would stop the device for the host at each layer, so every slot is read.
 ATTEND_BLOCK = 128
 # XLA:CPU hands large reductions and elementwise fusions to YNNPACK, which sums in another
 # order than XLA's own loops, so a row's layer norms and softmaxes would depend on how many

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.kernels import decode_attention
 from nanogpt_jax.kernels import rows_times as kernel
 
 
@@ -195,12 +196,16 @@ def attend_filled(q, k, v, filled, block: int):
     each row may see. A block past a row's own length adds exactly nothing to it (its weights
     are exp(-huge) = 0), so a row's result does not depend on how far the other rows reach.
 
-    Two ways give the same bits. A loop over the blocks some row has reached slices each out
+    On a CPU, with the folded layout and a float32 cache, the native kernel reads each row's
+    own slots where they lie and nothing past them (`kernels/decode_attention.py`). Otherwise
+    two ways give the same bits. A loop over the blocks some row has reached slices each out
     of the cache, a copy on a CPU before its products; one product over every block copies
     nothing but reads the empty ones too. Past half the cache, the single product is cheaper.
     """
     rows = q.shape[0]
     per_row = jnp.repeat(filled, rows // filled.shape[0]) if q.ndim == 3 else filled
+    if decode_attention.applies(q, k, v):  # each row's own slots, read where they lie
+        return decode_attention.attend_filled(q, k, v, per_row)
     reached = (jnp.max(filled) + block - 1) // block
     every = k.shape[-2] // block
     return jax.lax.cond(

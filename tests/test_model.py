@@ -148,11 +148,15 @@ def test_bfloat16_products_add_their_bias_in_float32_and_round_once():
     np.testing.assert_allclose(y, expected, rtol=2**-7)
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])
 @pytest.mark.parametrize("layout", ["folded", "heads"])
-def test_reading_the_cache_in_blocks_equals_reading_it_whole(layout):
+def test_reading_the_cache_in_blocks_equals_reading_it_whole(layout, kernels, monkeypatch):
     """attend_filled against the plain masked softmax: rows filled to 1, 63, 64, 65 and 130 of
-    192 slots (block edges on both sides), and the same rows beside a longer one, bit for bit."""
+    192 slots (block edges on both sides), and the same rows beside a longer one, bit for bit;
+    folded, with the native kernel (on a CPU) and without."""
     from nanogpt_jax.model import attend_filled
+
+    monkeypatch.setenv("NANOGPT_JAX_KERNELS", kernels)
 
     B, H, S, D = 5, 3, 192, 16
     keys = jax.random.split(jax.random.key(7), 3)

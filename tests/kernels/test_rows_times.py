@@ -65,14 +65,16 @@ def test_the_kernel_takes_a_decode_steps_few_rows_only(monkeypatch):
 
 
 def test_without_a_compiler_the_model_falls_back_to_xla(tmp_path):
-    """CXX names a compiler that fails: a one-line note, no kernel, and generation works with
-    XLA's products (in a fresh process, with an empty cache directory)."""
+    """CXX names a compiler that fails: a one-line note for each kernel, no kernel, and the model's
+    products and attention go to XLA (in a fresh process, with an empty cache directory)."""
     code = (
         "import jax.numpy as jnp\n"
+        "from nanogpt_jax.kernels import decode_attention, native\n"
         "from nanogpt_jax.kernels.rows_times import applies\n"
-        "from nanogpt_jax.kernels import native\n"
         "assert not applies(jnp.zeros((2, 1, 8)), jnp.zeros((4, 8)))\n"
         "assert not native.register('rows_times', 'RowsTimes')\n"
+        "cache = jnp.zeros((4, 16, 8))\n"
+        "assert not decode_attention.applies(jnp.zeros((4, 1, 8)), cache, cache)\n"
         "print('fallback ok')\n"
     )
     env = {"CXX": "false", "NANOGPT_JAX_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
@@ -81,8 +83,9 @@ def test_without_a_compiler_the_model_falls_back_to_xla(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
-    notes = [line for line in result.stderr.splitlines() if "rows_times kernel" in line]
-    assert len(notes) == 1 and "using XLA's operations" in notes[0]
+    for name in ("rows_times", "decode_attention"):
+        notes = [line for line in result.stderr.splitlines() if f"{name} kernel" in line]
+        assert len(notes) == 1 and "using XLA's operations" in notes[0]
     assert not list(tmp_path.rglob("*.so"))
 
 

@@ -1,0 +1,123 @@
+// One query a row against the filled slots of its cache, on a CPU: a decode step's attention.
+//
+//   y[r] = softmax(q[r] . k[r, :L]^T / sqrt(D)) . v[r, :L],   L = lengths[r]
+//
+// q (R, D), k and v (R', S, D) with R' >= R (a cache may hold more rows than a step reads),
+// all float32. XLA reads a cache of S slots whole, or copies each block of slots out of it
+// before multiplying; here each (row, head) reads its own L slots where they lie, once for the
+// scores and once for the values, and nothing past them. A row's result depends only on its
+// own query, slots and length: never on the other rows, nor on S.
+//
+// Written with the compiler's vector extensions (vectors.h): it is compiled on the machine
+// that runs it (`-march=native`).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+#include "vectors.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace nanogpt_jax;
+
+// q . k for G slots at once (G independent chains of fused multiply-adds), each summed in the
+// same order as a slot alone: lanes across D, then the lanes, then D's tail.
+template <int G>
+void dot_slots(const float* q, const float* k, float* out, int64_t D) {
+  const int64_t whole = D - D % kLanes;
+  Vec acc[G] = {};
+  for (int64_t d = 0; d < whole; d += kLanes) {
+    const Vec qv = load(q + d);
+    for (int g = 0; g < G; ++g) acc[g] = multiply_add(qv, load(k + g * D + d), acc[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    float total = sum(acc[g]);
+    for (int64_t d = whole; d < D; ++d) total += q[d] * k[g * D + d];
+    out[g] = total;
+  }
+}
+
+// out[d .. d + V * kLanes) = sum over slots j of weights[j] * v[j, d ..]: V accumulators.
+template <int V>
+void weigh_values(const float* weights, const float* v, float* out, int64_t L, int64_t D,
+                  int64_t d) {
+  Vec acc[V] = {};
+  for (int64_t j = 0; j < L; ++j) {
+    const Vec w = Vec{} + weights[j];
+    for (int i = 0; i < V; ++i) acc[i] = multiply_add(w, load(v + j * D + d + i * kLanes), acc[i]);
+  }
+  for (int i = 0; i < V; ++i) std::memcpy(out + d + i * kLanes, &acc[i], sizeof(Vec));
+}
+
+void attend_row(const float* q, const float* k, const float* v, float* y, int64_t L, int64_t D,
+                std::vector<float>& scores) {
+  if (L == 0) {  // nothing to attend to (no step asks for it): zeros, not a 0/0
+    std::fill(y, y + D, 0.0f);
+    return;
+  }
+  scores.resize(L);
+  const float scale = std::sqrt(static_cast<float>(D));
+  int64_t j = 0;
+  for (; j + 4 <= L; j += 4) dot_slots<4>(q, k + j * D, scores.data() + j, D);
+  for (; j < L; ++j) dot_slots<1>(q, k + j * D, scores.data() + j, D);
+  float peak = -INFINITY;
+  for (j = 0; j < L; ++j) {
+    scores[j] /= scale;
+    peak = std::max(peak, scores[j]);
+  }
+  float total = 0.0f;
+  for (j = 0; j < L; ++j) {
+    scores[j] = std::exp(scores[j] - peak);
+    total += scores[j];
+  }
+  const int64_t whole = D - D % kLanes;
+  int64_t d = 0;
+  for (; d + 8 * kLanes <= whole; d += 8 * kLanes) weigh_values<8>(scores.data(), v, y, L, D, d);
+  for (; d < whole; d += kLanes) weigh_values<1>(scores.data(), v, y, L, D, d);
+  for (; d < D; ++d) {
+    float acc = 0.0f;
+    for (j = 0; j < L; ++j) acc += scores[j] * v[j * D + d];
+    y[d] = acc;
+  }
+  for (d = 0; d < D; ++d) y[d] /= total;
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::S32> lengths,
+                               ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 2 || kd.size() != 3 || vd.size() != 3 || kd[2] != qd[1] ||
+      kd[0] < qd[0] || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
+      lengths.element_count() != qd[0]) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: q (R, D), k and v (R' >= R, S, D), lengths (R,) expected");
+  }
+  const int64_t R = qd[0], S = kd[1], D = kd[2];
+  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
+  const int32_t* ls = lengths.typed_data();
+  float* ys = y->typed_data();
+  parallel_for(pool, R, [=](int64_t r) {
+    std::vector<float> scores;
+    const int64_t L = std::clamp<int64_t>(ls[r], 0, S);
+    attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, L, D, scores);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
