@@ -31,13 +31,14 @@ template <int RB, int NB, typename W>
 void block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t r0, int64_t n0,
            const W* ahead) {
   constexpr int64_t kStepBytes = NB * kLanes * sizeof(W);  // of w read per step of k
-  const char* next = reinterpret_cast<const char*>(ahead);
+  const char* next = reinterpret_cast<const char*>(ahead);   // as far as this step reads
+  const char* fetched = next;                                // the next cache line to ask for
   Vec acc[RB][NB] = {};
   const int64_t whole = K - K % kLanes;
   for (int64_t k = 0; k < whole; k += kLanes) {
     if (next != nullptr) {
-      for (int64_t b = 0; b < kStepBytes; b += 64) __builtin_prefetch(next + b, 0, 2);
       next += kStepBytes;
+      for (; fetched < next; fetched += 64) __builtin_prefetch(fetched, 0, 2);
     }
     Vec wv[NB];
     for (int j = 0; j < NB; ++j) wv[j] = load(w + (n0 + j) * K + k);
@@ -72,6 +73,11 @@ void rows_in_groups(const float* x, const W* w, float* y, int64_t R, int64_t K, 
   }
 }
 
+// 5 to 7 rows in one pass over two outputs at a time: each weight vector read once, for every
+// row, with up to 14 of the 16 vector registers as accumulators; measured faster than a pass
+// of 4 rows and the rest one row at a time (gpt2's products at 6 rows: ~1.4x in float32 and
+// bfloat16, docs/benchmarks.md). At 8 rows a pass of 8 over one output at a time was no faster
+// inside XLA's programs than two of 4 over 3 (the second finds the weights in the cache).
 template <typename W>
 void outputs(const float* x, const W* w, float* y, int64_t R, int64_t K, int64_t N, int64_t n0,
              int64_t n1) {
@@ -79,6 +85,10 @@ void outputs(const float* x, const W* w, float* y, int64_t R, int64_t K, int64_t
     case 1: return rows_in_groups<1, 8>(x, w, y, R, K, N, n0, n1);
     case 2: return rows_in_groups<2, 5>(x, w, y, R, K, N, n0, n1);
     case 3: return rows_in_groups<3, 3>(x, w, y, R, K, N, n0, n1);
+    case 4: return rows_in_groups<4, 3>(x, w, y, R, K, N, n0, n1);
+    case 5: return rows_in_groups<5, 2>(x, w, y, R, K, N, n0, n1);
+    case 6: return rows_in_groups<6, 2>(x, w, y, R, K, N, n0, n1);
+    case 7: return rows_in_groups<7, 2>(x, w, y, R, K, N, n0, n1);
     default: return rows_in_groups<4, 3>(x, w, y, R, K, N, n0, n1);
   }
 }
@@ -87,7 +97,8 @@ template <typename W>
 void product(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t R, int64_t K,
              int64_t N) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // a few blocks a thread, each a multiple of 24 outputs (every group size above divides it)
+  // a few blocks a thread, each a multiple of 24 outputs (of every group size but 5: past the
+  // last whole group, one output at a time)
   const int64_t per_block = std::max<int64_t>(24, (N / (4 * threads) + 23) / 24 * 24);
   const int64_t blocks = (N + per_block - 1) / per_block;
   nanogpt_jax::parallel_for(pool, blocks, [=](int64_t b) {
