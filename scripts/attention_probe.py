@@ -1,11 +1,13 @@
 """How long a decode step's attention takes each way `attend_filled` can read the cache: a
-loop over the blocks the rows reached, or one product over every block.
+loop over the blocks the rows reached, one product over every block, or the native kernel
+(each row's filled slots where they lie; "-" where it is not built).
 
     python scripts/attention_probe.py --batch_sizes=1,8 --cases=640:576,1024:300,256:140
 
 A jitted program of the step's attention alone (gpt2's 12 layers, 12 heads of 64, one query
 per row, a float32 cache as the engine keeps on a CPU): per batch size and case SLOTS:FILLED,
-ms per step (median of --repeats runs) each way, with the CPU model, on stdout.
+ms per step (median of --repeats runs) each way, with the CPU model, on stdout. The cache is
+only read here; in the engine's program the same step also writes it.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from nanogpt_jax.bench.hardware import call_seconds, cpu_name
 from nanogpt_jax.engine import ATTEND_BLOCK
+from nanogpt_jax.kernels import decode_attention
 from nanogpt_jax.model import attend_every_block, attend_reached_blocks
 
 
@@ -41,7 +44,11 @@ def main() -> None:
     args = parser.parse_args()
     block, H, D = ATTEND_BLOCK, args.heads, args.head_dim
     print(f"{cpu_name()}; jax {jax.__version__}; blocks of {block} slots, {args.layers} layers")
-    print(f"{'B':>3} {'slots':>6} {'filled':>7} {'blocks':>7} {'loop ms':>8} {'every ms':>9}")
+    kernel = decode_attention.available()
+    print(
+        f"{'B':>3} {'slots':>6} {'filled':>7} {'blocks':>7} {'loop ms':>8} {'every ms':>9} "
+        f"{'kernel ms':>10}"
+    )
     for B in (int(b) for b in args.batch_sizes.split(",")):
         for case in args.cases.split(","):
             slots, filled = (int(n) for n in case.split(":"))
@@ -54,9 +61,10 @@ def main() -> None:
             layers = (q, cache[: args.layers], cache[args.layers :], per_row, args.repeats)
             loop = step_ms(partial(attend_reached_blocks, reached=reached, block=block), *layers)
             every = step_ms(partial(attend_every_block, block=block), *layers)
+            native = f"{step_ms(decode_attention.attend_filled, *layers):.2f}" if kernel else "-"
             print(
                 f"{B:>3} {slots:>6} {filled:>7} {f'{reached}/{slots // block}':>7} "
-                f"{loop:>8.2f} {every:>9.2f}",
+                f"{loop:>8.2f} {every:>9.2f} {native:>10}",
                 flush=True,
             )
 

@@ -22,6 +22,11 @@ def built() -> bool:
     return native.register(NAME, SYMBOL)
 
 
+def available() -> bool:
+    """Whether the kernel may be used here: on a CPU, enabled and built."""
+    return jax.default_backend() == "cpu" and native.available(NAME, SYMBOL)
+
+
 def applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether q (R, 1, D) against a cache k, v (R', S, D) goes to the kernel: one query a
     row, heads folded into the rows, a float32 cache, on a CPU, with a kernel built here."""
@@ -30,8 +35,7 @@ def applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
         and q.shape[1] == 1
         and k.ndim == 3
         and k.dtype == v.dtype == jnp.float32
-        and jax.default_backend() == "cpu"
-        and native.available(NAME, SYMBOL)
+        and available()
     )
 
 
