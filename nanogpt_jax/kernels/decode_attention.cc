@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "parallel.h"
@@ -55,31 +56,60 @@ void weigh_values(const float* weights, const float* v, float* out, int64_t L, i
   for (int i = 0; i < V; ++i) std::memcpy(out + d + i * kLanes, &acc[i], sizeof(Vec));
 }
 
+// e^x for x <= 0, kLanes at a time: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by Cephes' degree-6
+// polynomial (within 2 ulp of float32's e^r), 2^n written into the exponent bits. Below
+// e^-87, past float32's normal numbers, it is 0: a weight that small moves no float32 sum.
+inline Vec exp_at_most_zero(Vec x) {
+  typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  const Ints kept = x >= -87.0f;
+  x = kept ? x : Vec{} - 87.0f;
+  const Vec round = Vec{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to a whole number
+  const Vec n = (x * 1.44269504088896341f + round) - round;
+  const Vec r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  Vec p = Vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
+  Vec two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
+  const Vec e = p * two_to_n;
+  return kept ? e : Vec{};
+}
+
+// y = softmax(scores) . v over L slots: the scores are written over with their weights.
 void attend_row(const float* q, const float* k, const float* v, float* y, int64_t L, int64_t D,
-                std::vector<float>& scores) {
+                float* scores) {
   if (L == 0) {  // nothing to attend to (no step asks for it): zeros, not a 0/0
     std::fill(y, y + D, 0.0f);
     return;
   }
-  scores.resize(L);
   const float scale = std::sqrt(static_cast<float>(D));
   int64_t j = 0;
-  for (; j + 4 <= L; j += 4) dot_slots<4>(q, k + j * D, scores.data() + j, D);
-  for (; j < L; ++j) dot_slots<1>(q, k + j * D, scores.data() + j, D);
+  for (; j + 4 <= L; j += 4) dot_slots<4>(q, k + j * D, scores + j, D);
+  for (; j < L; ++j) dot_slots<1>(q, k + j * D, scores + j, D);
+  // the scores padded to whole vectors with -inf: weights of 0 that change no sum
+  const int64_t padded = (L + kLanes - 1) / kLanes * kLanes;
+  std::fill(scores + L, scores + padded, -INFINITY);
   float peak = -INFINITY;
   for (j = 0; j < L; ++j) {
     scores[j] /= scale;
     peak = std::max(peak, scores[j]);
   }
-  float total = 0.0f;
-  for (j = 0; j < L; ++j) {
-    scores[j] = std::exp(scores[j] - peak);
-    total += scores[j];
+  Vec totals = {};
+  for (j = 0; j < padded; j += kLanes) {
+    const Vec e = exp_at_most_zero(load(scores + j) - peak);
+    std::memcpy(scores + j, &e, sizeof(e));
+    totals += e;
   }
+  const float total = sum(totals);
   const int64_t whole = D - D % kLanes;
   int64_t d = 0;
-  for (; d + 8 * kLanes <= whole; d += 8 * kLanes) weigh_values<8>(scores.data(), v, y, L, D, d);
-  for (; d < whole; d += kLanes) weigh_values<1>(scores.data(), v, y, L, D, d);
+  for (; d + 8 * kLanes <= whole; d += 8 * kLanes) weigh_values<8>(scores, v, y, L, D, d);
+  for (; d < whole; d += kLanes) weigh_values<1>(scores, v, y, L, D, d);
   for (; d < D; ++d) {
     float acc = 0.0f;
     for (j = 0; j < L; ++j) acc += scores[j] * v[j * D + d];
@@ -104,9 +134,10 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int32_t* ls = lengths.typed_data();
   float* ys = y->typed_data();
   parallel_for(pool, R, [=](int64_t r) {
-    std::vector<float> scores;
+    thread_local std::vector<float> scores;  // a row's scores, then its weights: reused
     const int64_t L = std::clamp<int64_t>(ls[r], 0, S);
-    attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, L, D, scores);
+    scores.resize(std::max<size_t>(scores.size(), (L + kLanes - 1) / kLanes * kLanes));
+    attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, L, D, scores.data());
   });
   return ffi::Error::Success();
 }

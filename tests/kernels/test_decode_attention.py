@@ -45,6 +45,21 @@ def test_attention_is_float32_accurate(D):
     assert np.abs(np.asarray(attend_filled(q, k[:10], v[:10], lengths + 1)) - got).max() > 1e-3
 
 
+def test_scores_far_apart_and_all_alike():
+    """Queries scaled so that a row's scores span far more than float32's e^-87 (their
+    smallest weights underflow to 0), scores that are all equal (every weight 1: the mean of
+    the values), and lengths that are not whole vectors: within 1e-6 of float64."""
+    R, S, D = 4, 77, 64
+    q, k, v = random_cache(5, R, S, D)
+    q = q * jnp.array([60.0, 25.0, 1.0, 0.0])[:, None, None]
+    lengths = jnp.array([77, 41, 9, 13])
+    got = np.asarray(attend_filled(q, k, v, lengths))
+    np.testing.assert_allclose(got, exact_attention(q, k, v, lengths), rtol=0, atol=1e-6)
+    scores = np.einsum("rd,rsd->rs", np.asarray(q)[:, 0], np.asarray(k)) / math.sqrt(D)
+    assert np.ptp(scores[0, :77]) > 87  # the first row's weights do underflow
+    np.testing.assert_allclose(got[3, 0], np.asarray(v)[3, :13].mean(0), rtol=0, atol=1e-6)
+
+
 def test_a_rows_result_depends_on_its_own_slots_only():
     """The same bits beside other rows of other lengths, alone, and in a larger cache whose
     extra slots hold other numbers; slots past a row's length are never read (NaN there)."""
