@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -56,6 +56,32 @@ inline float sum(Vec v) {
   float total = 0.0f;
   for (int i = 0; i < kLanes; ++i) total += v[i];
   return total;
+}
+
+// AVX512-BF16's pair products: 2 * kLanes bfloat16 numbers of a row against as many of a
+// weight, each pair's two products (exact in float32) added to a float32 lane.
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+constexpr bool kBfloat16Pairs = true;
+#else
+constexpr bool kBfloat16Pairs = false;
+#endif
+typedef uint16_t Pairs __attribute__((vector_size(2 * kLanes * sizeof(uint16_t))));
+
+inline Pairs load_pairs(const uint16_t* p) {
+  Pairs v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// c + a . b pair by pair (with inputs below float32's normal range taken as 0, as the
+// instruction does); only called where kBfloat16Pairs.
+inline Vec add_pair_products(Pairs a, Pairs b, Vec c) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  return (Vec)_mm256_dpbf16_ps((__m256)c, (__m256bh)a, (__m256bh)b);
+#else
+  (void)a, (void)b;
+  return c;
+#endif
 }
 
 }  // namespace nanogpt_jax

@@ -47,6 +47,16 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(dtype):
         np.testing.assert_array_equal(shuffled, full[::-1])
 
 
+def test_bfloat16_rows_against_float32_weights_are_widened_exactly():
+    """bfloat16 rows with float32 weights: the same bits as the rows widened beforehand."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(4, 300)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(50, 300)), jnp.float32)
+    widened = np.asarray(rows_times(x.astype(jnp.float32), w))
+    np.testing.assert_array_equal(np.asarray(rows_times(x, w)), widened)
+    assert np.abs(widened).max() > 1  # not vacuous
+
+
 def test_the_kernel_takes_a_decode_steps_few_rows_only(monkeypatch):
     f32, bf16 = jnp.zeros((8, 4), jnp.float32), jnp.zeros((8, 4), jnp.bfloat16)
 
