@@ -80,19 +80,22 @@ inline Vec exp_at_most_zero(Vec x) {
   return kept ? e : Vec{};
 }
 
-// y = softmax(scores) . v over L slots: the scores are written over with their weights.
+// y = softmax(scores) . v over L slots, in `buffer` (grown as needed, kept for the next row):
+// the scores, then their weights.
 void attend_row(const float* q, const float* k, const float* v, float* y, int64_t L, int64_t D,
-                float* scores) {
+                std::vector<float>& buffer) {
   if (L == 0) {  // nothing to attend to (no step asks for it): zeros, not a 0/0
     std::fill(y, y + D, 0.0f);
     return;
   }
+  // the scores padded to whole vectors with -inf: weights of 0 that change no sum
+  const int64_t padded = (L + kLanes - 1) / kLanes * kLanes;
+  if (static_cast<int64_t>(buffer.size()) < padded) buffer.resize(padded);
+  float* scores = buffer.data();
   const float scale = std::sqrt(static_cast<float>(D));
   int64_t j = 0;
   for (; j + 4 <= L; j += 4) dot_slots<4>(q, k + j * D, scores + j, D);
   for (; j < L; ++j) dot_slots<1>(q, k + j * D, scores + j, D);
-  // the scores padded to whole vectors with -inf: weights of 0 that change no sum
-  const int64_t padded = (L + kLanes - 1) / kLanes * kLanes;
   std::fill(scores + L, scores + padded, -INFINITY);
   float peak = -INFINITY;
   for (j = 0; j < L; ++j) {
@@ -134,10 +137,9 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const int32_t* ls = lengths.typed_data();
   float* ys = y->typed_data();
   parallel_for(pool, R, [=](int64_t r) {
-    thread_local std::vector<float> scores;  // a row's scores, then its weights: reused
+    thread_local std::vector<float> buffer;  // a row's scores, then its weights: reused
     const int64_t L = std::clamp<int64_t>(ls[r], 0, S);
-    scores.resize(std::max<size_t>(scores.size(), (L + kLanes - 1) / kLanes * kLanes));
-    attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, L, D, scores.data());
+    attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, L, D, buffer);
   });
   return ffi::Error::Success();
 }
