@@ -54,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from nanogpt_jax.home import cache_home
+from nanogpt_jax.kernels import decode_attention
 from nanogpt_jax.model import KVCache, init_cache
 from nanogpt_jax.sampling import SamplingParams, sample, top_k
 from nanogpt_jax.sharding import batch_sharding, cache_sharding, global_array
@@ -518,7 +519,7 @@ class Engine:
 
     def __post_init__(self):
         if self.cache_dtype is None:
-            self.cache_dtype = default_cache_dtype(self.bundle.dtype)
+            self.cache_dtype = default_cache_dtype(self.bundle.dtype, self.mesh is None)
 
     @property
     def compile_count(self) -> int:
@@ -685,16 +686,20 @@ class Engine:
         return self.compiled("decode", decode, static, ("state",), *args)(*args)
 
 
-def default_cache_dtype(dtype: str) -> jnp.dtype:
-    """The cache's dtype for a model computing in `dtype`: its own, except on a CPU, where a
-    16-bit cache is kept in float32. XLA:CPU writes a 16-bit buffer's rows through float32,
-    converting the whole cache there and back at every step (gpt2 in bfloat16, batch 8,
-    prompt 512: 179 ms/step against 66). The values are the same: keys and values are
-    computed in the model's dtype and attention reads them in float32 either way; the cache
-    takes twice the memory."""
-    if jax.default_backend() == "cpu":
-        return jnp.dtype(jnp.float32)
-    return jnp.dtype(dtype)
+def default_cache_dtype(dtype: str, folded: bool = True) -> jnp.dtype:
+    """The dtype a cache is stored in for a model computing in `dtype`: its own, except on a
+    CPU. There a bfloat16 cache is stored as its bits (uint16, `model.to_cache`) where the
+    attention kernel reads it (folded heads, kernel built): XLA:CPU writes a bfloat16 buffer
+    through float32, converting the whole cache at every step, and the bits are written in
+    place. Any other 16-bit cache on a CPU is kept in float32, which XLA's attention reads
+    without converting (gpt2 in bfloat16, batch 8, prompt 512: 179 ms/step against 66). The
+    numbers are the same in every case: keys and values are computed in the model's dtype and
+    attention widens them to float32 exactly; float32 takes twice the memory and reads."""
+    if jax.default_backend() != "cpu":
+        return jnp.dtype(dtype)
+    if jnp.dtype(dtype) == jnp.bfloat16 and folded and decode_attention.available():
+        return jnp.dtype(jnp.uint16)
+    return jnp.dtype(jnp.float32)
 
 
 def neutral(sampling: SamplingParams) -> SamplingParams:

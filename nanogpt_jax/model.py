@@ -94,6 +94,7 @@ class KVCache:
 
     Layout (B*H, S, D) by default: with a separate batch axis of size 1, XLA:CPU copies the
     whole cache around every in-place write. (B, H, S, D) when heads are sharded over devices.
+    A bfloat16 cache may be stored as its bits, uint16 (see `to_cache`).
     """
 
     k: list[jax.Array]  # n_layer x (B*H, S, D) or (B, H, S, D)
@@ -118,6 +119,23 @@ def init_cache(
         v=[jnp.zeros(shape, dtype) for _ in range(config.n_layer)],
         lengths=jnp.zeros((B,), jnp.int32),
     )
+
+
+def to_cache(x, buffer):
+    """x as `buffer` stores it: in the buffer's dtype, or, in a uint16 buffer, as the bits of
+    its bfloat16 numbers. XLA:CPU writes a bfloat16 buffer's rows by converting the whole
+    buffer to float32 and back (gpt2, batch 8, 640 slots: 20 ms a step for the writes alone);
+    it writes a uint16 one in place."""
+    if buffer.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(buffer.dtype)
+
+
+def from_cache(buffer):
+    """The numbers a cache buffer holds: a uint16 buffer holds bfloat16 bits (`to_cache`)."""
+    if buffer.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(buffer, jnp.bfloat16)
+    return buffer
 
 
 def write_rows(buffer, new, at):
@@ -167,13 +185,14 @@ class CausalSelfAttention(nnx.Module):
             # write this call's keys and values into the cache, then attend over all S slots
             if kv[0].ndim == 3:
                 q, k, v = (t.reshape(B * H, T, D) for t in (q, k, v))  # (B*H, T, D)
-            k = write_rows(kv[0], k.astype(kv[0].dtype), index)
-            v = write_rows(kv[1], v.astype(kv[1].dtype), index)
+            k = write_rows(kv[0], to_cache(k, kv[0]), index)
+            v = write_rows(kv[1], to_cache(v, kv[1]), index)
             kv = (k, v)  # 2 x (B*H, S, D) or (B, H, S, D)
             if filled is not None:
                 y = attend_filled(q, k, v, filled, block).astype(x.dtype)  # like q
                 y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
                 return self.c_proj(y), kv
+            k, v = from_cache(k), from_cache(v)
         att = jnp.einsum("...td,...sd->...ts", q, k.astype(q.dtype)) / math.sqrt(D)
         # softmax in float32; masked entries get the most negative finite value, not -inf, so a
         # row with nothing to attend to (a padding slot) stays finite
@@ -196,8 +215,8 @@ def attend_filled(q, k, v, filled, block: int):
     each row may see. A block past a row's own length adds exactly nothing to it (its weights
     are exp(-huge) = 0), so a row's result does not depend on how far the other rows reach.
 
-    On a CPU, with the folded layout and a float32 cache, the native kernel reads each row's
-    own slots where they lie and nothing past them (`kernels/decode_attention.py`). Otherwise
+    On a CPU, with the folded layout, the native kernel reads each row's own slots where they
+    lie and nothing past them (`kernels/decode_attention.py`). Otherwise
     two ways give the same bits. A loop over the blocks some row has reached slices each out
     of the cache, a copy on a CPU before its products; one product over every block copies
     nothing but reads the empty ones too. Past half the cache, the single product is cheaper.
@@ -206,6 +225,7 @@ def attend_filled(q, k, v, filled, block: int):
     per_row = jnp.repeat(filled, rows // filled.shape[0]) if q.ndim == 3 else filled
     if decode_attention.applies(q, k, v):  # each row's own slots, read where they lie
         return decode_attention.attend_filled(q, k, v, per_row)
+    k, v = from_cache(k), from_cache(v)
     reached = (jnp.max(filled) + block - 1) // block
     every = k.shape[-2] // block
     return jax.lax.cond(

@@ -24,6 +24,7 @@ from nanogpt_jax.config import GPTConfig
 from nanogpt_jax.engine import FILL, Engine, engine_of
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.interop.convert import convert
+from nanogpt_jax.kernels import decode_attention
 from nanogpt_jax.model import GPT
 from nanogpt_jax.sampling import SamplingParams
 from nanogpt_jax.tokenizer import CharTokenizer
@@ -352,22 +353,27 @@ def test_bfloat16_compute_stays_close(gpt2_bundle, gpt2_checkpoint):
     assert agree >= 0.9, agree  # near-ties may part
 
 
-def test_a_bfloat16_models_float32_cache_changes_no_number(gpt2_checkpoint):
-    """On a CPU a bfloat16 model keeps its cache in float32 (XLA:CPU would convert a 16-bit
-    cache to float32 and back at every step): its keys and values are bfloat16 numbers either
-    way, so every logit is the one a bfloat16 cache gives, past block_size too."""
+def test_a_bfloat16_models_cache_changes_no_number_in_any_dtype(gpt2_checkpoint, monkeypatch):
+    """On a CPU a bfloat16 model keeps its cache as bfloat16's bits (uint16) where the
+    attention kernel reads it, in float32 where XLA does (XLA:CPU converts a bfloat16 cache
+    to float32 and back at every write). Keys and values are bfloat16 numbers either way, so
+    every logit is the one a float32 or a bfloat16 cache gives, past block_size too."""
     low = nanogpt_jax.load(gpt2_checkpoint[0], dtype="bfloat16")
-    assert engine_of(low).cache_dtype == jnp.float32
+    bits = decode_attention.available()
+    assert engine_of(low).cache_dtype == (jnp.uint16 if bits else jnp.float32)
     rows = [[11, 22, 33], list(range(100, 113))]
     steps = 80  # every row crosses block_size (64)
     logits, tokens = stepwise_logits(low, rows, steps)
-    bfloat16_cache = Engine(low, cache_dtype=jnp.dtype(jnp.bfloat16))
-    expected_logits, expected_tokens = stepwise_logits(low, rows, steps, bfloat16_cache)
-    np.testing.assert_array_equal(tokens, expected_tokens)
-    for got, expected in zip(logits, expected_logits, strict=True):
-        np.testing.assert_array_equal(got, expected)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        other = Engine(low, cache_dtype=jnp.dtype(dtype))
+        expected_logits, expected_tokens = stepwise_logits(low, rows, steps, other)
+        np.testing.assert_array_equal(tokens, expected_tokens)
+        for got, expected in zip(logits, expected_logits, strict=True):
+            np.testing.assert_array_equal(got, expected)
     for row in tokens:
         assert distinct_new(row, 0) > 10, row
+    monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")  # XLA's attention: a float32 cache
+    assert Engine(low).cache_dtype == jnp.float32
 
 
 def plain_product(x, w):

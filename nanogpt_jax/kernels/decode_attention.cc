@@ -2,8 +2,10 @@
 //
 //   y[r] = softmax(q[r] . k[r, :L]^T / sqrt(D)) . v[r, :L],   L = lengths[r]
 //
-// q (R, D), k and v (R', S, D) with R' >= R (a cache may hold more rows than a step reads),
-// all float32. XLA reads a cache of S slots whole, or copies each block of slots out of it
+// q (R, D) in float32, k and v (R', S, D) with R' >= R (a cache may hold more rows than a step
+// reads) in float32 or bfloat16 (as bfloat16 or as its bits, uint16): a bfloat16 slot is widened
+// exactly, so a cache of bfloat16 numbers gives the same result in either dtype while the
+// 16-bit one is half the bytes to read. XLA reads a cache of S slots whole, or copies each block of slots out of it
 // before multiplying; here each (row, head) reads its own L slots where they lie, once for the
 // scores and once for the values, and nothing past them. A row's result depends only on its
 // own query, slots and length: never on the other rows, nor on S.
@@ -29,8 +31,8 @@ using namespace nanogpt_jax;
 
 // q . k for G slots at once (G independent chains of fused multiply-adds), each summed in the
 // same order as a slot alone: lanes across D, then the lanes, then D's tail.
-template <int G>
-void dot_slots(const float* q, const float* k, float* out, int64_t D) {
+template <int G, typename T>
+void dot_slots(const float* q, const T* k, float* out, int64_t D) {
   const int64_t whole = D - D % kLanes;
   Vec acc[G] = {};
   for (int64_t d = 0; d < whole; d += kLanes) {
@@ -39,14 +41,14 @@ void dot_slots(const float* q, const float* k, float* out, int64_t D) {
   }
   for (int g = 0; g < G; ++g) {
     float total = sum(acc[g]);
-    for (int64_t d = whole; d < D; ++d) total += q[d] * k[g * D + d];
+    for (int64_t d = whole; d < D; ++d) total += q[d] * to_float(k[g * D + d]);
     out[g] = total;
   }
 }
 
 // out[d .. d + V * kLanes) = sum over slots j of weights[j] * v[j, d ..]: V accumulators.
-template <int V>
-void weigh_values(const float* weights, const float* v, float* out, int64_t L, int64_t D,
+template <int V, typename T>
+void weigh_values(const float* weights, const T* v, float* out, int64_t L, int64_t D,
                   int64_t d) {
   Vec acc[V] = {};
   for (int64_t j = 0; j < L; ++j) {
@@ -82,7 +84,8 @@ inline Vec exp_at_most_zero(Vec x) {
 
 // y = softmax(scores) . v over L slots, in `buffer` (grown as needed, kept for the next row):
 // the scores, then their weights.
-void attend_row(const float* q, const float* k, const float* v, float* y, int64_t L, int64_t D,
+template <typename T>
+void attend_row(const float* q, const T* k, const T* v, float* y, int64_t L, int64_t D,
                 std::vector<float>& buffer) {
   if (L == 0) {  // nothing to attend to (no step asks for it): zeros, not a 0/0
     std::fill(y, y + D, 0.0f);
@@ -115,15 +118,24 @@ void attend_row(const float* q, const float* k, const float* v, float* y, int64_
   for (; d < whole; d += kLanes) weigh_values<1>(scores, v, y, L, D, d);
   for (; d < D; ++d) {
     float acc = 0.0f;
-    for (j = 0; j < L; ++j) acc += scores[j] * v[j * D + d];
+    for (j = 0; j < L; ++j) acc += scores[j] * to_float(v[j * D + d]);
     y[d] = acc;
   }
   for (d = 0; d < D; ++d) y[d] /= total;
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::S32> lengths,
+template <typename T>
+void attend_rows(ffi::ThreadPool pool, const float* qs, const T* ks, const T* vs,
+                 const int32_t* ls, float* ys, int64_t R, int64_t S, int64_t D) {
+  parallel_for(pool, R, [=](int64_t r) {
+    thread_local std::vector<float> buffer;  // a row's scores, then its weights: reused
+    const int64_t L = std::clamp<int64_t>(ls[r], 0, S);
+    attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, L, D, buffer);
+  });
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                               ffi::AnyBuffer v, ffi::Buffer<ffi::S32> lengths,
                                ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 2 || kd.size() != 3 || vd.size() != 3 || kd[2] != qd[1] ||
@@ -132,15 +144,23 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     return ffi::Error::InvalidArgument(
         "decode_attention: q (R, D), k and v (R' >= R, S, D), lengths (R,) expected");
   }
+  const auto type = k.element_type();
+  const bool bfloat16 = type == ffi::BF16 || type == ffi::U16;  // as numbers or as their bits
+  if (v.element_type() != type || (type != ffi::F32 && !bfloat16)) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: k and v both float32, or both bfloat16 (or its bits, uint16)");
+  }
   const int64_t R = qd[0], S = kd[1], D = kd[2];
-  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
-  const int32_t* ls = lengths.typed_data();
-  float* ys = y->typed_data();
-  parallel_for(pool, R, [=](int64_t r) {
-    thread_local std::vector<float> buffer;  // a row's scores, then its weights: reused
-    const int64_t L = std::clamp<int64_t>(ls[r], 0, S);
-    attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, L, D, buffer);
-  });
+  if (bfloat16) {
+    const auto bits = [](ffi::AnyBuffer b) {
+      return reinterpret_cast<const uint16_t*>(b.untyped_data());
+    };
+    attend_rows(pool, q.typed_data(), bits(k), bits(v), lengths.typed_data(), y->typed_data(),
+                R, S, D);
+  } else {
+    attend_rows(pool, q.typed_data(), k.typed_data<float>(), v.typed_data<float>(),
+                lengths.typed_data(), y->typed_data(), R, S, D);
+  }
   return ffi::Error::Success();
 }
 
@@ -150,7 +170,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

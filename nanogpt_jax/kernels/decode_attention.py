@@ -29,12 +29,14 @@ def available() -> bool:
 
 def applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether q (R, 1, D) against a cache k, v (R', S, D) goes to the kernel: one query a
-    row, heads folded into the rows, a float32 cache, on a CPU, with a kernel built here."""
+    row, heads folded into the rows, a float32 or bfloat16 cache (or bfloat16's bits, uint16),
+    on a CPU, with a kernel built here."""
     return (
         q.ndim == 3
         and q.shape[1] == 1
         and k.ndim == 3
-        and k.dtype == v.dtype == jnp.float32
+        and k.dtype == v.dtype
+        and k.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16)
         and available()
     )
 
@@ -42,7 +44,8 @@ def applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
 def attend_filled(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
     """q (R, 1, D), k and v (R' >= R, S, D), lengths (R,): the slots each row may see ->
     (R, 1, D) in float32, the softmax of q's scaled scores over those slots times their
-    values."""
+    values. A bfloat16 cache is widened exactly as it is read: the same numbers in float32
+    give the same bits."""
     if not built():
         raise RuntimeError("the decode_attention kernel could not be built for this machine")
     R, _, D = q.shape

@@ -79,13 +79,37 @@ def test_a_rows_result_depends_on_its_own_slots_only():
     np.testing.assert_array_equal(np.asarray(reversed_rows), together[::-1])
 
 
-def test_the_kernel_takes_a_decode_steps_folded_float32_cache_only(monkeypatch):
+def test_a_bfloat16_cache_gives_the_float32_caches_bits():
+    """A cache of bfloat16 numbers, given as bfloat16, as its bits (uint16, the engine's CPU
+    cache) or widened to float32: the same bits each way, within 1e-6 of float64, for head
+    widths that are and are not whole vectors."""
+    for D in (64, 5):
+        lengths = jnp.array([1, 7, 8, 9, 64, 100])
+        q, k, v = random_cache(D + 1, len(lengths), 100, D, spare_rows=2)
+        half = [t.astype(jnp.bfloat16) for t in (k, v)]
+        bits = [jax.lax.bitcast_convert_type(t, jnp.uint16) for t in half]
+        widened = [t.astype(jnp.float32) for t in half]
+        expected = np.asarray(attend_filled(q, *widened, lengths))
+        np.testing.assert_array_equal(np.asarray(attend_filled(q, *half, lengths)), expected)
+        np.testing.assert_array_equal(np.asarray(attend_filled(q, *bits, lengths)), expected)
+        cut = [t[: len(lengths)] for t in widened]
+        np.testing.assert_allclose(expected, exact_attention(q, *cut, lengths), rtol=0, atol=1e-6)
+        # not vacuous: the float32 cache's own numbers give another answer
+        assert np.abs(np.asarray(attend_filled(q, k, v, lengths)) - expected).max() > 1e-4
+
+
+def test_the_kernel_takes_a_decode_steps_folded_cache_only(monkeypatch):
     q, cache = jnp.zeros((24, 1, 64)), jnp.zeros((24, 128, 64))
     assert applies(q, cache, cache)
     assert applies(q.astype(jnp.bfloat16), cache, cache)  # the query is taken as float32
     assert not applies(jnp.zeros((24, 2, 64)), cache, cache)  # two queries a row: a prefill
     assert not applies(q.reshape(2, 12, 1, 64), *[cache.reshape(2, 12, 128, 64)] * 2)  # heads
     half = cache.astype(jnp.bfloat16)
-    assert not applies(q, half, half)
+    assert applies(q, half, half)
+    bits = jax.lax.bitcast_convert_type(half, jnp.uint16)
+    assert applies(q, bits, bits)
+    assert not applies(q, half, cache)  # k and v in one dtype
+    other = cache.astype(jnp.float16)
+    assert not applies(q, other, other)
     monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")
     assert not applies(q, cache, cache)
