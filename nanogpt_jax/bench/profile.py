@@ -167,7 +167,7 @@ def summarize(events: list[dict], steps: int) -> dict:
 
 
 def profile_generation(impl, prompts, num_new: int) -> dict | None:
-    """Trace one greedy generation of an implementation (already warm) with its library's
+    """Trace one generation of an implementation (already warm, drawing as set) with its library's
     profiler; None when the trace holds no device events."""
     run = lambda: impl.generate(prompts, num_new)
     with tempfile.TemporaryDirectory() as directory:

@@ -27,7 +27,7 @@ Definitions (one row per implementation and cell):
   ops_per_step, busy_ms_per_step  (with `profile`) from one more run, traced by jax.profiler
                     or torch.profiler: device ops (GPU kernels; on a CPU, XLA ops or aten
                     operators) per step and the time the device was busy; the op-by-op
-                    breakdown goes to DIR/profile-IMPL-bB-pP-nN.txt (`bench/profile.py`)
+                    breakdown goes to DIR/profile-IMPL-DRAW-bB-pP-nN.txt (`bench/profile.py`)
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
             bench_report.write_results(out_dir, report)
             if settings.profile and row.get("tok_s"):  # the timings are on disk first
                 progress.set_description(f"tracing {name} B={batch} P={prompt_len} N={num_new}")
-                row |= profile_cell(impl, prompts, num_new, out_dir, settings.dtype)
+                row |= profile_cell(impl, mode, prompts, num_new, out_dir, settings.dtype)
                 bench_report.write_results(out_dir, report)
             progress.update()
     progress.close()
@@ -332,7 +332,7 @@ def products_bound(settings: Settings, bundle, batch: int, bounds: list) -> dict
     return bounds[-1]
 
 
-def profile_cell(impl, prompts, num_new: int, out_dir: Path, dtype: str) -> dict:
+def profile_cell(impl, mode: str, prompts, num_new: int, out_dir: Path, dtype: str) -> dict:
     """ops_per_step and busy_ms_per_step of one traced run, its breakdown written beside the
     results; nothing when the trace holds no device events."""
     try:
@@ -343,8 +343,10 @@ def profile_cell(impl, prompts, num_new: int, out_dir: Path, dtype: str) -> dict
     if summary is None:
         return {}
     batch, prompt_len = prompts.shape
-    title = f"{impl.name}, {dtype}, batch {batch}, prompt {prompt_len}, {num_new} new tokens"
-    path = out_dir / f"profile-{impl.name}-b{batch}-p{prompt_len}-n{num_new}.txt"
+    title = (
+        f"{impl.name}, {dtype}, {mode}, batch {batch}, prompt {prompt_len}, {num_new} new tokens"
+    )
+    path = out_dir / f"profile-{impl.name}-{mode}-b{batch}-p{prompt_len}-n{num_new}.txt"
     path.write_text(bench_profile.format_profile(summary, title))
     return {
         "ops_per_step": summary["ops_per_step"],

@@ -72,12 +72,12 @@ def test_bench_smoke(tmp_path):
     assert rows[0]["compile_s"] > 0  # the jax engine compiled, and said how long it took
     for row in rows:  # --profile traced every row once more
         assert row["ops_per_step"] > 0 and row["busy_ms_per_step"] > 0, row["impl"]
-    breakdown = (out / "profile-jax-b2-p8-n6.txt").read_text()
+    breakdown = (out / "profile-jax-greedy-b2-p8-n6.txt").read_text()
     # a batch-2 step's products and attention run in the native kernels where they are built
     kernels = decode_attention.available() and rows_times.built()
     assert "device ops per step" in breakdown
     assert ("\nffi_call " if kernels else "\ndot ") in breakdown
-    assert "\naten::addmm " in (out / "profile-hf-b2-p8-n6.txt").read_text()
+    assert "\naten::addmm " in (out / "profile-hf-greedy-b2-p8-n6.txt").read_text()
     heading = result.stdout.splitlines()[1]
     assert "ops/step" in heading and "busy ms" in heading and "scaling" not in heading
     assert "of bound" in heading
