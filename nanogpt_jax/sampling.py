@@ -25,6 +25,9 @@ from nanogpt_jax.errors import UserError
 # 4096 2.0; bisection 0.71 ms whatever k; 16 rows: 5.2, 6.7, 10.7, 32 and 11.2 ms)
 TOP_K_BY_SORT = 512
 
+# tokens per block of the draw's CDF (see `draw`)
+DRAW_BLOCK = 256
+
 
 def top_k(x, k: int):
     """`jax.lax.top_k` over the last axis, for use inside a loop: the k largest values,
@@ -211,21 +214,49 @@ def filter_logits(logits, params: SamplingParams):
     return apply_min_p(logits, params)
 
 
+def first_max(x):
+    """The index of each row's largest value along the last axis, the first among ties, or of
+    its first NaN: `jnp.argmax`'s answer. On a CPU it is taken as the maximum, then the first
+    index holding it: XLA:CPU's argmax, one reduction over (value, index) pairs, is 3x slower
+    (gpt2's 50,257 logits in a decode loop, 8 rows: 0.98 ms against 0.31)."""
+    if jax.default_backend() != "cpu":
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    peak = jnp.max(x, axis=-1, keepdims=True)  # NaN if the row holds one
+    hit = (x == peak) | jnp.isnan(x)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1)
+
+
 def draw(logits, key):
     """One categorical draw from logits (V,) by inverse CDF: a single uniform per row instead of
-    the V Gumbel variates `jax.random.categorical` generates."""
-    probs = jax.nn.softmax(logits)
-    cdf = jnp.cumsum(probs)
-    u = jax.random.uniform(key) * cdf[-1]
-    # the first token whose cdf exceeds u; a token of probability 0 never is
-    index = jnp.sum(cdf <= u)
-    return jnp.where(index < logits.shape[0], index, jnp.argmax(logits))
+    the V Gumbel variates `jax.random.categorical` generates.
+
+    The CDF is taken in blocks of DRAW_BLOCK tokens: each block's total, the running totals of
+    the blocks, then the running sum inside the one block the uniform falls in; the weights
+    are the softmax's before it divides by their total, which scales the uniform instead. A
+    running sum over the whole vocabulary is one slow pass on a CPU: gpt2's 50,257 logits in
+    a decode loop, 8 rows, drew in 2.1 ms a step with it and in 0.45 ms this way."""
+    weights = jnp.exp(logits - jnp.max(logits))  # the softmax, not divided by its total
+    V = weights.shape[0]
+    blocks = -(-V // DRAW_BLOCK)
+    weights = jnp.pad(weights, (0, blocks * DRAW_BLOCK - V)).reshape(blocks, DRAW_BLOCK)
+    ends = jnp.cumsum(jnp.sum(weights, axis=1))  # the (unnormalised) CDF at each block's end
+    u = jax.random.uniform(key) * ends[-1]
+    # the first block whose end exceeds u, and the first token in it whose CDF does: a token
+    # of probability 0 never is. Where rounding leaves u at the total, the last block holding
+    # any weight is taken; past that block's own running sum, its last token of weight.
+    block = jnp.minimum(jnp.sum(ends <= u), jnp.sum(ends < ends[-1]))
+    before = jnp.where(block > 0, ends[block - 1], 0.0)
+    inside = jax.lax.dynamic_index_in_dim(weights, block, keepdims=False)
+    at = jnp.sum(before + jnp.cumsum(inside) <= u)
+    last = DRAW_BLOCK - 1 - jnp.argmax(inside[::-1] > 0)
+    return block * DRAW_BLOCK + jnp.where(at < DRAW_BLOCK, at, last)  # < V: padding weighs 0
 
 
 def sample(logits, keys, params: SamplingParams):
     """One token id per row. logits: (B, V); keys: (B,) typed PRNG keys, one per row."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_max(logits)
     if params.greedy:
         return greedy
     drawn = jax.vmap(draw)(filter_logits(logits, params), keys).astype(jnp.int32)

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from reference_sampling import assert_matches, expected_distribution
 
+import nanogpt_jax.sampling
 from nanogpt_jax.errors import UserError
 from nanogpt_jax.sampling import (
+    DRAW_BLOCK,
     TOP_K_BY_SORT,
     SamplingParams,
     apply_top_k,
     check_sampling_options,
+    first_max,
     sample,
     top_k,
 )
@@ -58,6 +61,47 @@ def test_draw_frequencies_match_the_filtered_softmax(options):
     assert_matches(draw_counts(LOGITS, **options), expected)
 
 
+def logits_over_blocks(seed=3):
+    """Logits over 4.5 blocks of the draw's CDF, with removed tokens (-inf) first, on both
+    sides of every block edge, and in the whole last block."""
+    V = 4 * DRAW_BLOCK + DRAW_BLOCK // 2
+    logits = np.random.default_rng(seed).standard_normal(V).astype(np.float32)
+    edges = [e for b in range(1, 4) for e in (b * DRAW_BLOCK - 1, b * DRAW_BLOCK)]
+    logits[[0, 1, *edges]] = -np.inf
+    logits[4 * DRAW_BLOCK - 1 :] = -np.inf
+    return logits
+
+
+def test_draws_over_many_blocks_follow_the_softmax():
+    logits = logits_over_blocks()
+    assert_matches(draw_counts(logits, temperature=1.0), expected_distribution(logits))
+
+
+@pytest.mark.parametrize("uniform", [0.0, 1.0 - 2.0**-24, 1.0 + 2.0**-23, 0.5])
+def test_a_uniform_at_either_end_draws_a_token_the_softmax_keeps(monkeypatch, uniform):
+    """A uniform of 0 draws the first token of nonzero probability, the largest float32 below
+    1 the last one, never a removed token beside them or at a block's edge (where the CDF's
+    running sums meet). So does one past the end, as rounding can leave it past a block's own
+    running sum: the last token the softmax keeps, not the likeliest. 0.5 draws the token
+    where the float64 CDF crosses half."""
+    logits = logits_over_blocks()
+    monkeypatch.setattr(nanogpt_jax.sampling.jax.random, "uniform", lambda key: uniform)
+    params = SamplingParams.create(1.0, vocab_size=len(logits))
+    keys = jax.random.split(jax.random.key(0), 1)
+    drawn = jax.jit(lambda x: sample(x, keys, params))(jnp.asarray(logits)[None])  # traced now
+    token = int(drawn[0])
+    expected = expected_distribution(logits)
+    kept = np.flatnonzero(expected > 0)
+    if uniform == 0.0:
+        assert token == kept[0] == 2
+    elif uniform > 0.5:
+        assert token == kept[-1] == 4 * DRAW_BLOCK - 2 != np.argmax(logits)
+    else:
+        cdf = np.cumsum(expected)
+        assert token == np.searchsorted(cdf, 0.5, side="right")
+    assert expected[token] > 0
+
+
 def test_top_k_keeps_ties_with_the_kth_logit():
     counts = draw_counts(LOGITS, draws=4000, top_k=3)
     assert sorted(np.flatnonzero(counts)) == [0, 1, 2, 15]  # 2.0, both 1.5s, 2.4
@@ -68,6 +112,34 @@ def test_greedy_breaks_ties_at_the_lowest_id():
     for options in (dict(temperature=0.0), dict(temperature=0.0, top_k=2, top_p=0.5)):
         counts = draw_counts(tied, draws=50, **options)
         assert counts[1] == 50, (options, counts)
+
+
+def test_first_max_is_numpys_argmax():
+    """Ties (the first wins), infinities, NaN (the first NaN wins, as in numpy), all -inf, a
+    lone value, and random rows of gpt2's width, jitted, inside a loop as a decode step has it."""
+    nan, inf = np.nan, np.inf
+    rows = [
+        [0.5, 3.0, -1.0, 3.0, 3.0, 1.0],
+        [-inf, -inf, -inf, -inf, -inf, -inf],
+        [1.0, inf, 2.0, inf, -inf, 0.0],
+        [1.0, 2.0, nan, 9.0, nan, 0.0],
+        [nan, 2.0, 3.0, 3.0, 1.0, 0.0],
+        [-3.0, -2.0, -2.0, -7.0, -inf, -2.5],
+    ]
+    cases = [np.array(rows, np.float32), np.array([[4.0]], np.float32)]
+    wide = np.random.default_rng(0).standard_normal((8, 50257)).astype(np.float32)
+    wide[3, [17, 40_000]] = 9.0  # a tie far apart
+    cases.append(wide)
+    in_a_loop = jax.jit(
+        lambda x: jax.lax.fori_loop(
+            0, 3, lambda i, c: first_max(x + c[0]), jnp.zeros(len(x), jnp.int32)
+        )
+    )
+    for x in cases:
+        expected = np.argmax(x, axis=-1)
+        np.testing.assert_array_equal(np.asarray(jax.jit(first_max)(x)), expected)
+        np.testing.assert_array_equal(np.asarray(in_a_loop(x)).astype(int), expected)
+    assert np.argmax(wide[3]) == 17
 
 
 def test_temperature_zero_is_greedy():
