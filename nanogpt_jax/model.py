@@ -216,10 +216,10 @@ def attend_filled(q, k, v, filled, block: int):
     are exp(-huge) = 0), so a row's result does not depend on how far the other rows reach.
 
     On a CPU, with the folded layout, the native kernel reads each row's own slots where they
-    lie and nothing past them (`kernels/decode_attention.py`). Otherwise
-    two ways give the same bits. A loop over the blocks some row has reached slices each out
-    of the cache, a copy on a CPU before its products; one product over every block copies
-    nothing but reads the empty ones too. Past half the cache, the single product is cheaper.
+    lie and nothing past them (`kernels/decode_attention.py`). Otherwise two ways give the
+    same bits. A loop over the blocks some row has reached slices each out of the cache, a
+    copy on a CPU before its products; one product over every block copies nothing but reads
+    the empty ones too. Past half the cache, the single product is cheaper.
     """
     rows = q.shape[0]
     per_row = jnp.repeat(filled, rows // filled.shape[0]) if q.ndim == 3 else filled

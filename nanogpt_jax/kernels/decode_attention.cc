@@ -3,12 +3,12 @@
 //   y[r] = softmax(q[r] . k[r, :L]^T / sqrt(D)) . v[r, :L],   L = lengths[r]
 //
 // q (R, D) in float32, k and v (R', S, D) with R' >= R (a cache may hold more rows than a step
-// reads) in float32 or bfloat16 (as bfloat16 or as its bits, uint16): a bfloat16 slot is widened
-// exactly, so a cache of bfloat16 numbers gives the same result in either dtype while the
-// 16-bit one is half the bytes to read. XLA reads a cache of S slots whole, or copies each block of slots out of it
-// before multiplying; here each (row, head) reads its own L slots where they lie, once for the
-// scores and once for the values, and nothing past them. A row's result depends only on its
-// own query, slots and length: never on the other rows, nor on S.
+// reads) in float32 or bfloat16 (as bfloat16 or as its bits, uint16): a bfloat16 slot is
+// widened exactly, so a cache of bfloat16 numbers gives the same result in either dtype while
+// the 16-bit one is half the bytes to read. XLA reads a cache of S slots whole, or copies each
+// block of slots out of it before multiplying; here each (row, head) reads its own L slots
+// where they lie, once for the scores and once for the values, and nothing past them. A row's
+// result depends only on its own query, slots and length: never on the other rows, nor on S.
 //
 // Written with the compiler's vector extensions (vectors.h): it is compiled on the machine
 // that runs it (`-march=native`).
