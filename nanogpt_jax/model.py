@@ -193,10 +193,13 @@ class CausalSelfAttention(nnx.Module):
                 y = y.reshape(B, H, T, D).transpose(0, 2, 1, 3).reshape(B, T, C)
                 return self.c_proj(y), kv
             k, v = from_cache(k), from_cache(v)
-        att = jnp.einsum("...td,...sd->...ts", q, k.astype(q.dtype)) / math.sqrt(D)
-        # softmax in float32; masked entries get the most negative finite value, not -inf, so a
-        # row with nothing to attend to (a padding slot) stays finite
-        att = att.astype(jnp.float32).reshape(B, H, T, -1)  # (B, H, T, S)
+        # scores summed and kept in float32 (a bfloat16 model's are not rounded to bfloat16, as
+        # a decode step's are not), softmax in float32; masked entries get the most negative
+        # finite value, not -inf, so a row with nothing to attend to (a padding slot) stays finite
+        scores = jnp.einsum(
+            "...td,...sd->...ts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+        att = (scores / math.sqrt(D)).reshape(B, H, T, -1)  # (B, H, T, S)
         att = jnp.where(mask, att, jnp.finfo(jnp.float32).min)
         att = jax.nn.softmax(att, axis=-1).astype(x.dtype)
         att = self.attn_dropout(att, deterministic=rngs is None, rngs=rngs)
