@@ -472,8 +472,9 @@ def test_either_way_of_reading_the_cache_changes_no_logit(gpt2_checkpoint, monke
 
 def test_top_k_row_by_row_changes_no_token_nor_logprob(gpt2_checkpoint, monkeypatch):
     """Sampling with top-k and log-probabilities, 64 steps past block_size: every token, log-
-    probability and alternative is the same whether top-k selects row by row (the default on
-    a CPU) or over the whole batch with `jax.lax.top_k`."""
+    probability and alternative is the same whether `top_k` (the alternatives' selection, and
+    the sampling cut where the native kth_largest kernel is not built) goes row by row (the
+    default on a CPU) or over the whole batch with `jax.lax.top_k`."""
     bundle = nanogpt_jax.load(gpt2_checkpoint[0])
     rows, steps = [[11, 22, 33], list(range(100, 113)), [7]], 64
 
