@@ -1,6 +1,8 @@
 """The native k-th largest against numpy's sort and the two XLA ways of `apply_top_k`, and
 the tokens a sampled decode draws with and without it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +70,7 @@ def test_top_k_keeps_the_same_tokens_with_and_without_the_kernel(top_k, monkeypa
     params = sampling.SamplingParams.create(top_k=top_k, vocab_size=5000).for_rows(len(rows))
     k = np.minimum(np.arange(len(rows)) * 97 % top_k + 1, top_k)
     k[2] = 0
-    params = params.__class__(**{**params.__dict__, "top_k": jnp.asarray(k, jnp.int32)})
+    params = dataclasses.replace(params, top_k=jnp.asarray(k, jnp.int32))
     with_kernel = np.asarray(jax.jit(sampling.apply_top_k)(rows, params))
     monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")
     without = np.asarray(jax.jit(sampling.apply_top_k)(rows, params))
