@@ -1,22 +1,30 @@
 // Tasks 0 .. count-1 split over XLA's intra-op threads, for this folder's kernels.
 //
 // Tasks are handed to whichever thread asks next; the calling thread works too and then waits
-// only for tasks other threads have taken, so a busy pool cannot stall it.
+// only for tasks other threads have taken, so a busy pool cannot stall it. It waits awake for a
+// while before it sleeps: those tasks end within microseconds, and a decode step makes some 60
+// such calls, each of which paid a wake-up when the caller slept at once (gpt2's 49 weight
+// products of a batch-8 bfloat16 step: 10.8-13.9 ms a step against 9.9-11.2 awake).
 
 #ifndef NANOGPT_JAX_KERNELS_PARALLEL_H_
 #define NANOGPT_JAX_KERNELS_PARALLEL_H_
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace nanogpt_jax {
+
+// How long parallel_for's caller waits awake for the other threads' tasks before it sleeps.
+constexpr std::chrono::microseconds kAwake{200};
 
 template <typename Task>
 struct Tasks {
@@ -50,6 +58,11 @@ void parallel_for(xla::ffi::ThreadPool& pool, int64_t count, Task task) {
     pool.Schedule([tasks] { take_tasks(*tasks); });
   }
   take_tasks(*tasks);
+  // yielding, so that on a busy machine a thread still running a task may have this core
+  const auto give_up = std::chrono::steady_clock::now() + kAwake;
+  while (tasks->done.load() != tasks->count && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::yield();
+  }
   std::unique_lock<std::mutex> lock(tasks->mutex);
   tasks->finished.wait(lock, [&] { return tasks->done.load() == tasks->count; });
 }

@@ -57,6 +57,23 @@ def test_bfloat16_rows_against_float32_weights_are_widened_exactly():
     assert np.abs(widened).max() > 1  # not vacuous
 
 
+def test_a_call_returns_only_when_every_threads_tasks_are_done():
+    """Five tasks of about a millisecond each (8 rows against a 63 MB weight) on two threads:
+    one thread takes the fifth while the other waits, awake and then asleep, and the op after
+    the call reads the result only when all five are done. Fresh rows every call, so a stale
+    result cannot pass for one."""
+    rng = np.random.default_rng(2)
+    K, N = 131072, 120
+    w = jnp.asarray(rng.normal(size=(N, K)), jnp.float32)
+    ws = np.asarray(w, np.float64)
+    product = jax.jit(lambda x, w: -rows_times(x, w))  # read as soon as the call returns
+    for _ in range(8):
+        x = jnp.asarray(rng.normal(size=(8, K)), jnp.float32)
+        xs = np.asarray(x, np.float64)
+        bound = K * np.finfo(np.float32).eps * (np.abs(xs) @ np.abs(ws).T)
+        assert np.all(np.abs(np.asarray(product(x, w)) + xs @ ws.T) <= bound)
+
+
 def test_the_kernel_takes_a_decode_steps_few_rows_only(monkeypatch):
     f32, bf16 = jnp.zeros((8, 4), jnp.float32), jnp.zeros((8, 4), jnp.bfloat16)
 
