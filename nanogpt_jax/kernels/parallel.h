@@ -4,7 +4,8 @@
 // only for tasks other threads have taken, so a busy pool cannot stall it. It waits awake for a
 // while before it sleeps: those tasks end within microseconds, and a decode step makes some 60
 // such calls, each of which paid a wake-up when the caller slept at once (gpt2's 49 weight
-// products of a batch-8 bfloat16 step: 10.8-13.9 ms a step against 9.9-11.2 awake).
+// products of a batch-8 bfloat16 step: 9.7-14.1 ms a step asleep, 9.8-11.2 awake in most
+// rounds; docs/results/cpu-parallel-awake-ab-zen4.txt).
 
 #ifndef NANOGPT_JAX_KERNELS_PARALLEL_H_
 #define NANOGPT_JAX_KERNELS_PARALLEL_H_
