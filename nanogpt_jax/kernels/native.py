@@ -111,5 +111,5 @@ def register(name: str, symbol: str) -> bool:
 
 
 def available(name: str, symbol: str) -> bool:
-    """Whether kernel NAME may be used: enabled and built."""
-    return enabled() and register(name, symbol)
+    """Whether kernel NAME may be used here: on a CPU, enabled and built."""
+    return jax.default_backend() == "cpu" and enabled() and register(name, symbol)

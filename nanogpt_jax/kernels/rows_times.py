@@ -35,7 +35,6 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
         and x.shape[1] == 1
         and fewest <= x.shape[0] <= MAX_ROWS
         and w.dtype in (jnp.float32, jnp.bfloat16)
-        and jax.default_backend() == "cpu"
         and native.available(NAME, SYMBOL)
     )
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanogpt_jax.kernels import native
+from nanogpt_jax.kernels import decode_attention, kth_largest, native
 from nanogpt_jax.kernels.rows_times import MAX_ROWS, applies, rows_times
 
 SHAPES = [(1, 768, 2304), (2, 8, 1), (3, 100, 37), (5, 3072, 768), (8, 64, 512), (16, 13, 5)]
@@ -89,6 +89,19 @@ def test_the_kernel_takes_a_decode_steps_few_rows_only(monkeypatch):
     assert not applies(step(2), jnp.zeros((8, 4), jnp.float16))
     monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0")
     assert not applies(step(2), f32)
+
+
+def test_off_a_cpu_no_kernel_is_built_or_used(monkeypatch):
+    """On a GPU or TPU backend every kernel says it is unavailable without building anything:
+    they are CPU programs, registered for the CPU platform only."""
+
+    def no_build(name, symbol):
+        raise AssertionError(f"{name} built off a CPU")
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(native, "register", no_build)
+    assert not decode_attention.available() and not kth_largest.available()
+    assert not applies(jnp.zeros((8, 1, 4), jnp.float32), jnp.zeros((8, 4), jnp.float32))
 
 
 def test_without_a_compiler_the_model_falls_back_to_xla(tmp_path):
