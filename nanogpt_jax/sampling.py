@@ -208,9 +208,23 @@ def float_of_ordered_bits(keys):
 
 
 def apply_min_p(logits, params: SamplingParams):
-    """Keep tokens with prob >= min_p * max prob, i.e. logit >= max logit + log(min_p)."""
-    cutoff = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(per_row(params.min_p))  # 0: -inf
-    return jnp.where(logits < cutoff, -jnp.inf, logits)
+    """Keep tokens with prob >= min_p * max prob, i.e. logit >= max logit + log(min_p). On a
+    CPU its two passes over the logits run only when some row sets min_p (see `only_if`)."""
+
+    def cut(logits):
+        cutoff = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(per_row(params.min_p))
+        return jnp.where(logits < cutoff, -jnp.inf, logits)  # min_p 0: a cutoff of -inf
+
+    return only_if(jnp.any(params.min_p > 0), cut, logits)
+
+
+def only_if(needed, change, x):
+    """change(x) where `needed` (a traced bool), else x, which change(x) would give anyway. On a
+    CPU a conditional skips the work for a few microseconds; elsewhere the work is done, as a
+    GPU's conditional may read its predicate back to the host: a stall in a decode loop."""
+    if jax.default_backend() != "cpu":
+        return change(x)
+    return jax.lax.cond(needed, change, lambda x: x, x)
 
 
 def filter_logits(logits, params: SamplingParams):
@@ -261,10 +275,14 @@ def draw(logits, key):
 
 
 def sample(logits, keys, params: SamplingParams):
-    """One token id per row. logits: (B, V); keys: (B,) typed PRNG keys, one per row."""
+    """One token id per row. logits: (B, V); keys: (B,) typed PRNG keys, one per row. The
+    greedy pick of rows at temperature 0, passes over every row's logits, is taken on a CPU
+    only when some row is at temperature 0 (with min-p's passes skipped too, gpt2's 8 rows at
+    nanoGPT's settings draw in 0.51 ms a step against 0.64)."""
     logits = logits.astype(jnp.float32)
-    greedy = first_max(logits)
     if params.greedy:
-        return greedy
+        return first_max(logits)
     drawn = jax.vmap(draw)(filter_logits(logits, params), keys).astype(jnp.int32)
-    return jnp.where(jnp.reshape(params.temperature, (-1,)) == 0, greedy, drawn)
+    greedy_rows = jnp.reshape(params.temperature, (-1,)) == 0
+    pick_greedy = lambda drawn: jnp.where(greedy_rows, first_max(logits), drawn)  # noqa: E731
+    return only_if(jnp.any(greedy_rows), pick_greedy, drawn)

@@ -219,6 +219,39 @@ def test_each_row_uses_only_its_own_key():
 
 
 @pytest.mark.parametrize(
+    "temperature, min_p",
+    [
+        ([0.8] * 6, [0.0] * 6),  # no row greedy, no row with min-p: both skipped on a CPU
+        ([0.0, 0.8, 1.0, 0.0, 1.2, 0.9], [0.0] * 6),
+        ([0.8] * 6, [0.0, 0.3, 0.0, 0.1, 0.0, 0.5]),
+        ([0.0, 1.0, 0.7, 1.0, 0.0, 1.0], [0.2, 0.0, 0.0, 0.4, 0.0, 0.1]),
+    ],
+)
+def test_work_skipped_for_settings_no_row_uses_changes_no_token(monkeypatch, temperature, min_p):
+    """On a CPU `sample` picks greedy tokens only when some row is at temperature 0, and takes
+    min-p's passes only when some row sets min_p: per-row settings with and without such rows
+    draw the same tokens, over 20 keys, as when both are always computed."""
+    B, V = 6, 300
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(B, V)) * 3, jnp.float32)
+    params = SamplingParams(
+        temperature=jnp.asarray(temperature, jnp.float32),
+        top_k=jnp.zeros(B, jnp.int32),
+        top_p=jnp.ones(B, jnp.float32),
+        min_p=jnp.asarray(min_p, jnp.float32),
+    )
+    keys = [jax.random.split(jax.random.key(seed), B) for seed in range(20)]
+    draw = jax.jit(lambda k: sample(logits, k, params))  # traced once, with only_if as it is
+    skipping = [np.asarray(draw(k)) for k in keys]
+    monkeypatch.setattr(nanogpt_jax.sampling, "only_if", lambda needed, change, x: change(x))
+    draw = jax.jit(lambda k: sample(logits, k, params))
+    always = [np.asarray(draw(k)) for k in keys]
+    np.testing.assert_array_equal(np.stack(skipping), np.stack(always))
+    greedy = np.asarray(temperature) == 0
+    assert np.all(np.stack(skipping)[:, greedy] == np.argmax(np.asarray(logits), -1)[greedy])
+    assert len({tuple(t[~greedy]) for t in skipping}) > 15  # the other rows do draw
+
+
+@pytest.mark.parametrize(
     "options, message",
     [
         (dict(temperature=-0.5), "temperature"),
