@@ -221,7 +221,9 @@ def apply_min_p(logits, params: SamplingParams):
 def only_if(needed, change, x):
     """change(x) where `needed` (a traced bool), else x, which change(x) would give anyway. On a
     CPU a conditional skips the work for a few microseconds; elsewhere the work is done, as a
-    GPU's conditional may read its predicate back to the host: a stall in a decode loop."""
+    GPU's conditional may read its predicate back to the host: a stall in a decode loop.
+    `engine.run_if`'s one-pass while loop, which spares the KV cache a copy, is slower for
+    these small operands (gpt2's 8-row draw: 0.68 ms a step against 0.51)."""
     if jax.default_backend() != "cpu":
         return change(x)
     return jax.lax.cond(needed, change, lambda x: x, x)
