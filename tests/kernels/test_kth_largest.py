@@ -61,6 +61,24 @@ def test_the_kth_largest_is_the_bisections_bits():
     np.testing.assert_array_equal(np.asarray(stacked[1]).view(np.uint32), negated)
 
 
+def test_the_near_selection_cuts_at_its_distances_exactly():
+    """Keys 2^d - 1, 2^d and 2^d + 1 below a row's largest, for each distance 2^d the kernel
+    counts within (and past the widest), each k-th largest at such a border: numpy's, with the
+    largest positive, negative, and with a crowd of ties at the largest."""
+    top = np.asarray(sampling.ordered_bits(jnp.float32(9.5))).item()
+    offsets = np.unique([(1 << d) + e for d in range(17, 30) for e in (-1, 0, 1)])
+    filler = np.full(5000, -1e30, np.float32)
+    for largest in (top, top ^ 0xFFFFFFFF):  # 9.5's key, and a key below every positive one
+        keys = np.concatenate([[largest], largest - offsets]).astype(np.uint32)
+        row = np.asarray(sampling.float_of_ordered_bits(jnp.asarray(keys)))
+        for ties in (0, 300):
+            x = np.concatenate([row, np.full(ties, row[0], np.float32), filler])
+            x = np.random.default_rng(ties).permutation(x)[None]
+            for k in range(1, len(keys) + ties + 2):
+                got = np.asarray(kth_largest(jnp.asarray(x), jnp.array([k], jnp.int32)))
+                np.testing.assert_array_equal(got, numpy_kth_largest(x, [k]))
+
+
 @pytest.mark.parametrize("top_k", [1, 40, 200, 513, 3000])
 def test_top_k_keeps_the_same_tokens_with_and_without_the_kernel(top_k, monkeypatch):
     """`apply_top_k` with the kernel against XLA's way for that bucket (a sort up to 512, the
