@@ -88,15 +88,25 @@ def rows_times(x, w):
 
 
 def look_up(table: nnx.Embed, ids):
-    """The table's rows for ids, in its dtype, as nnx.Embed gives them. A 16-bit table is
-    looked up as its bits: given the numbers, XLA:CPU converts the whole table to float32 for
-    the sum of a token's two rows and hoists that out of the decode loop (gpt2 in bfloat16: a
-    154 MB table written once per decode call)."""
+    """The table's rows for ids, in its dtype, as nnx.Embed gives them."""
     w = jnp.asarray(table.embedding[...], table.dtype)
-    if w.dtype.itemsize != 2:
-        return jnp.take(w, ids, axis=0)
+    return rows_as_bits(w, ids) if w.dtype.itemsize == 2 else jnp.take(w, ids, axis=0)
+
+
+@jax.custom_jvp
+def rows_as_bits(w, ids):
+    """jnp.take(w, ids, axis=0) of a 16-bit w, taken as its bits: given the numbers, XLA:CPU
+    converts the whole table to float32 for the sum of a token's two rows and hoists that out
+    of the decode loop (gpt2 in bfloat16: a 154 MB table written once per decode call). Its
+    derivative is the lookup's, which bits alone would not have."""
     bits = jnp.take(jax.lax.bitcast_convert_type(w, jnp.uint16), ids, axis=0)
     return jax.lax.bitcast_convert_type(bits, w.dtype)
+
+
+@rows_as_bits.defjvp
+def rows_as_bits_jvp(primals, tangents):
+    w, ids = primals
+    return rows_as_bits(w, ids), jnp.take(tangents[0], ids, axis=0)
 
 
 @jax.tree_util.register_dataclass

@@ -201,3 +201,24 @@ def test_both_ways_of_reading_the_cache_in_blocks_agree_bit_for_bit(layout, reac
     looped = jax.jit(attend_reached_blocks, static_argnums=5)(q, k, v, per_row, reached, block)
     at_once = jax.jit(attend_every_block, static_argnums=4)(q, k, v, per_row, block)
     np.testing.assert_array_equal(at_once, looped)
+
+
+def test_a_bfloat16_lookup_has_the_plain_lookups_gradients(monkeypatch):
+    """Training in bfloat16 over float32 parameters: the token and position tables get the same
+    gradients through `look_up`, which takes 16-bit rows as their bits, as through nnx.Embed."""
+    import nanogpt_jax.model
+
+    model = GPT(TINY, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY.vocab_size)
+
+    def loss(model):
+        logits, _ = model(tokens)
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1, 5])
+
+    grads = nnx.to_pure_dict(nnx.grad(loss)(model))
+    monkeypatch.setattr(nanogpt_jax.model, "look_up", lambda table, ids: table(ids))
+    expected = nnx.to_pure_dict(nnx.grad(loss)(model))
+    for table in ("wte", "wpe"):
+        got, want = grads[table]["embedding"], expected[table]["embedding"]
+        np.testing.assert_array_equal(got, want)
+        assert np.abs(np.asarray(got, np.float32)).max() > 0, table
