@@ -88,9 +88,12 @@ def rows_times(x, w):
 
 
 def look_up(table: nnx.Embed, ids):
-    """The table's rows for ids, in its dtype, as nnx.Embed gives them."""
+    """The table's rows for ids, in its dtype, as nnx.Embed gives them; a 16-bit table's on a
+    CPU as its bits (see `rows_as_bits`: measured there only)."""
     w = jnp.asarray(table.embedding[...], table.dtype)
-    return rows_as_bits(w, ids) if w.dtype.itemsize == 2 else jnp.take(w, ids, axis=0)
+    if w.dtype.itemsize == 2 and jax.default_backend() == "cpu":
+        return rows_as_bits(w, ids)
+    return jnp.take(w, ids, axis=0)
 
 
 @jax.custom_jvp

@@ -334,7 +334,7 @@ def test_streaming_matches_one_shot(char_bundle):
 def test_a_bfloat16_decode_holds_no_float32_copy_of_the_tables(gpt2_checkpoint):
     """Left free, XLA:CPU converts a bfloat16 model's whole embedding tables to float32 for the
     sum of a token's two rows, once per decode call (gpt2: 154 MB written): the model looks the
-    rows up first, so the decode program holds the tables in bfloat16 only."""
+    rows up as their bits, so the decode program holds no float32 copy of either table."""
     low = nanogpt_jax.load(gpt2_checkpoint[0], dtype="bfloat16")
     low.generate(["hello"], max_new_tokens=8, seed=0)
     C = low.config.n_embd
