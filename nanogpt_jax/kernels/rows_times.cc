@@ -35,9 +35,15 @@ template <typename X, typename W>
 constexpr bool kPaired =
     kBfloat16Pairs && std::is_same_v<X, uint16_t> && std::is_same_v<W, uint16_t>;
 
+// How far ahead of the weight rows it multiplies a block asks for the next ones: one block (3 to
+// 9 KB) left the 8-row products waiting on memory; 16 KB ahead, gpt2's 49 bfloat16 products at 6
+// and 8 rows were 10-20% faster, and no row count slower (a C++ copy of the kernel on a Zen 4,
+// two threads; docs/benchmarks.md).
+constexpr int64_t kAheadBytes = 16 * 1024;
+
 // Rows [r0, r0 + RB) of y, outputs [n0, n0 + NB): RB * NB accumulators in registers. While it
-// works, it asks for the weight rows that come next (`ahead`, or nothing) as fast as it reads its
-// own: the hardware prefetcher alone, starting over at every short weight row, left a one-row
+// works, it asks for weight rows further on (`ahead`, or nothing) as fast as it reads its own:
+// the hardware prefetcher alone, starting over at every short weight row, left a one-row
 // bfloat16 product at half the memory bandwidth.
 template <int RB, int NB, typename X, typename W>
 void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t r0, int64_t n0,
@@ -81,13 +87,16 @@ void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t r0, i
 }
 
 // Every row of x times outputs [n0, n1): rows in groups the registers hold. The first group of
-// rows fetches the next NB weight rows ahead; the others find this group's in the cache.
+// rows fetches weight rows kAheadBytes on (at least the next NB); the others find this group's
+// in the cache.
 template <int RB, int NB, typename X, typename W>
 void rows_in_groups(const X* x, const W* w, float* y, int64_t R, int64_t K, int64_t N,
                     int64_t n0, int64_t n1) {
+  const int64_t blocks_ahead = std::max<int64_t>(1, kAheadBytes / (NB * K * int64_t(sizeof(W))));
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
-    const W* ahead = n + 2 * NB <= N ? w + (n + NB) * K : nullptr;
+    const int64_t next = n + blocks_ahead * NB;
+    const W* ahead = next + NB <= N ? w + next * K : nullptr;
     int64_t r = 0;
     for (; r + RB <= R; r += RB) block<RB, NB>(x, w, y, K, N, r, n, r == 0 ? ahead : nullptr);
     for (; r < R; ++r) block<1, NB>(x, w, y, K, N, r, n, r == 0 ? ahead : nullptr);
@@ -101,10 +110,20 @@ void rows_in_groups(const X* x, const W* w, float* y, int64_t R, int64_t K, int6
 // row, with up to 14 of the 16 vector registers as accumulators; measured faster than a pass
 // of 4 rows and the rest one row at a time (gpt2's products at 6 rows: ~1.4x in float32 and
 // bfloat16, docs/benchmarks.md). At 8 rows a pass of 8 over one output at a time was no faster
-// inside XLA's programs than two of 4 over 3 (the second finds the weights in the cache).
+// inside XLA's programs than two of 4 over 3 (the second finds the weights in the cache); with
+// AVX-512's 32 vector registers a pass of 8 over three outputs is (24 accumulators: gpt2's
+// float32 products ~1.35x, bfloat16 ~1.1x faster on a Zen 4, docs/benchmarks.md).
+constexpr bool kRegisters32 =
+#if defined(__AVX512VL__)
+    true;
+#else
+    false;
+#endif
+
 template <typename X, typename W>
 void outputs(const X* x, const W* w, float* y, int64_t R, int64_t K, int64_t N, int64_t n0,
              int64_t n1) {
+  if (kRegisters32 && R == 8) return rows_in_groups<8, 3>(x, w, y, R, K, N, n0, n1);
   switch (R) {
     case 1: return rows_in_groups<1, 8>(x, w, y, R, K, N, n0, n1);
     case 2: return rows_in_groups<2, 5>(x, w, y, R, K, N, n0, n1);
