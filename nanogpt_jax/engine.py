@@ -30,12 +30,13 @@ of one row in another order than a product of several, and hands large reduction
 that sums in yet another order; so reductions stay in XLA's own loops (CPU_COMPILER_OPTIONS),
 and the server decodes with at least MIN_ROWS rows. A prefill's products have a row per prompt
 token (its lm_head takes each prompt's last position twice), so a prompt prefilled alone gets
-the keys, values and logits it gets beside others. A decode step of 2 to 16 rows (1 to 16 in
-bfloat16) multiplies in the native kernel (`kernels/rows_times.py`), which sums each row on
-its own; a float32 batch of one row keeps XLA's one-row kernels (as fast), and past 16 rows
-XLA's library products are faster: there a row's logits match a 2-16-row batch's to about
-1e-6 of their scale, not bit for bit. A decode step's attention (the native kernel on a CPU,
-`kernels/decode_attention.py`, or XLA's blocks) sums over a row's own slots only.
+the keys, values and logits it gets beside others. A decode step of 1 to 16 rows
+multiplies in the native kernel (`kernels/rows_times.py`), which sums each row on its own;
+past 16 rows XLA's library products are faster: there a row's logits match a 1-16-row
+batch's to about 1e-6 of their scale, not bit for bit. (Where no kernel is built, XLA sums a
+lone row's products in another order than several rows': hence MIN_ROWS.) A decode step's
+attention (the native kernel on a CPU, `kernels/decode_attention.py`, or XLA's blocks) sums
+over a row's own slots only.
 tests/test_batch_invariance.py checks each. On a GPU it holds only as far as its kernels are
 batch-invariant.
 """

@@ -440,8 +440,8 @@ def test_products_of_row_matrices_change_no_token(gpt2_checkpoint, monkeypatch, 
 def test_the_native_products_change_no_token(gpt2_checkpoint, monkeypatch, dtype, rows):
     """A decode step's products and attention in the native kernels (on by default on a CPU)
     against XLA's (NANOGPT_JAX_KERNELS=0): the same greedy tokens for 80 steps past
-    block_size, logits within 1e-5 of their scale (float32 sums in another order). One
-    float32 row keeps XLA's products; its attention is the kernel's."""
+    block_size, logits within 1e-5 of their scale (float32 sums in another order); one row
+    and two."""
     bundle = nanogpt_jax.load(gpt2_checkpoint[0], dtype=dtype)
     worst, scale = greedy_both_ways(
         bundle, rows, lambda: monkeypatch.setenv("NANOGPT_JAX_KERNELS", "0"), dtype
