@@ -25,18 +25,18 @@ token, so no cached key or value of that row stays valid: such a row's logits co
 whole window (a block_size-token forward pass per token, nanoGPT's cost).
 
 Batch invariance: a row's logits depend only on its own tokens, never on the other rows or the
-cache size, so a seeded sample is the same text alone or among others. XLA:CPU sums a product
-of one row in another order than a product of several, and hands large reductions to a library
-that sums in yet another order; so reductions stay in XLA's own loops (CPU_COMPILER_OPTIONS),
-and the server decodes with at least MIN_ROWS rows. A prefill's products have a row per prompt
-token (its lm_head takes each prompt's last position twice), so a prompt prefilled alone gets
-the keys, values and logits it gets beside others. A decode step of 1 to 16 rows
-multiplies in the native kernel (`kernels/rows_times.py`), which sums each row on its own;
-past 16 rows XLA's library products are faster: there a row's logits match a 1-16-row
-batch's to about 1e-6 of their scale, not bit for bit. (Where no kernel is built, XLA sums a
-lone row's products in another order than several rows': hence MIN_ROWS.) A decode step's
-attention (the native kernel on a CPU, `kernels/decode_attention.py`, or XLA's blocks) sums
-over a row's own slots only.
+cache size, so a seeded sample is the same text alone or among others. XLA:CPU sums a product of
+one row in another order than a product of several, and hands large reductions to a library that
+sums in yet another order; so reductions stay in XLA's own loops (CPU_COMPILER_OPTIONS), and the
+server decodes with at least MIN_ROWS rows. A prefill's products have a row per prompt token
+(its lm_head takes each prompt's last position twice), so a prompt prefilled alone gets the
+keys, values and logits it gets beside others. A decode step of 1 to 16 rows multiplies in the
+native kernel (`kernels/rows_times.py`), which sums each row on its own; a lone float32 row
+keeps XLA's one-row product on CPUs without AVX-512 (faster there), and past 16 rows XLA's
+library products are faster: there a row's logits match a batch's of 2-16 rows to about 1e-6 of
+their scale, not bit for bit. (So does a lone row's where no kernel is built: hence MIN_ROWS.) A
+decode step's attention (the native kernel on a CPU, `kernels/decode_attention.py`, or XLA's
+blocks) sums over a row's own slots only.
 tests/test_batch_invariance.py checks each. On a GPU it holds only as far as its kernels are
 batch-invariant.
 """

@@ -83,12 +83,17 @@ def test_a_prompt_prefilled_alone_gets_what_it_gets_beside_others(bundle, bucket
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs)[-H:])
 
 
-def test_a_lone_row_is_the_same_bits_as_a_batched_one(bundle):
-    """A batch of one row decodes in the native kernel too (float32 and bfloat16): its logits
-    are a 4-row batch's, bit for bit."""
+def test_a_lone_row_matches_a_batched_one(bundle):
+    """Where the native kernel takes a lone float32 row (AVX-512), its logits are a 4-row
+    batch's, bit for bit; elsewhere XLA's one-row product rounds differently, within 1e-5."""
+    from nanogpt_jax.kernels.rows_times import takes_a_lone_float32_row
+
     alone = logits_of_row_0(bundle, others=0, num_slots=32, window=0)
     batched = logits_of_row_0(bundle, others=3, num_slots=32, window=0)
-    np.testing.assert_array_equal(alone, batched)
+    if takes_a_lone_float32_row():
+        np.testing.assert_array_equal(alone, batched)
+    else:
+        assert relative_logit_error(alone, batched) < 1e-5
 
 
 def test_a_row_of_a_big_batch_is_close_to_one_of_a_small_batch(bundle):

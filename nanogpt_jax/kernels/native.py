@@ -43,6 +43,11 @@ def cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether the CPU lists `flag` (e.g. "avx512vl") among its features in /proc/cpuinfo."""
+    return flag in cpu_signature().split()
+
+
 def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 

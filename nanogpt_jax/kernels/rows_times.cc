@@ -35,11 +35,20 @@ template <typename X, typename W>
 constexpr bool kPaired =
     kBfloat16Pairs && std::is_same_v<X, uint16_t> && std::is_same_v<W, uint16_t>;
 
+// AVX-512: 32 vector registers, and the CPUs the 8-row pass and the prefetch distance below were
+// measured on (a Zen 4); elsewhere (AVX2, measured on a Zen 3) the kernel works as it did before.
+constexpr bool kAvx512 =
+#if defined(__AVX512VL__)
+    true;
+#else
+    false;
+#endif
+
 // How far ahead of the weight rows it multiplies a block asks for the next ones: one block (3 to
 // 9 KB) left the 8-row products waiting on memory; 16 KB ahead, gpt2's 49 bfloat16 products at 6
 // and 8 rows were 10-20% faster, and no row count slower (a C++ copy of the kernel on a Zen 4,
-// two threads; docs/benchmarks.md).
-constexpr int64_t kAheadBytes = 16 * 1024;
+// two threads; docs/benchmarks.md). 0: the next block.
+constexpr int64_t kAheadBytes = kAvx512 ? 16 * 1024 : 0;
 
 // Rows [r0, r0 + RB) of y, outputs [n0, n0 + NB): RB * NB accumulators in registers. While it
 // works, it asks for weight rows further on (`ahead`, or nothing) as fast as it reads its own:
@@ -113,17 +122,10 @@ void rows_in_groups(const X* x, const W* w, float* y, int64_t R, int64_t K, int6
 // inside XLA's programs than two of 4 over 3 (the second finds the weights in the cache); with
 // AVX-512's 32 vector registers a pass of 8 over three outputs is (24 accumulators: gpt2's
 // float32 products ~1.35x, bfloat16 ~1.1x faster on a Zen 4, docs/benchmarks.md).
-constexpr bool kRegisters32 =
-#if defined(__AVX512VL__)
-    true;
-#else
-    false;
-#endif
-
 template <typename X, typename W>
 void outputs(const X* x, const W* w, float* y, int64_t R, int64_t K, int64_t N, int64_t n0,
              int64_t n1) {
-  if (kRegisters32 && R == 8) return rows_in_groups<8, 3>(x, w, y, R, K, N, n0, n1);
+  if (kAvx512 && R == 8) return rows_in_groups<8, 3>(x, w, y, R, K, N, n0, n1);
   switch (R) {
     case 1: return rows_in_groups<1, 8>(x, w, y, R, K, N, n0, n1);
     case 2: return rows_in_groups<2, 5>(x, w, y, R, K, N, n0, n1);

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nanogpt_jax.kernels import decode_attention, kth_largest, native
+from nanogpt_jax.kernels import rows_times as kernel
 from nanogpt_jax.kernels.rows_times import MAX_ROWS, applies, rows_times
 
 SHAPES = [(1, 768, 2304), (2, 8, 1), (3, 100, 37), (5, 3072, 768), (8, 64, 512), (16, 13, 5)]
@@ -80,8 +81,13 @@ def test_the_kernel_takes_a_decode_steps_few_rows_only(monkeypatch):
     def step(rows, tokens=1):
         return jnp.zeros((rows, tokens, 4), jnp.float32)
 
-    assert applies(step(1), f32) and applies(step(MAX_ROWS), f32)
+    assert applies(step(2), f32) and applies(step(MAX_ROWS), f32)
     assert applies(step(1), bf16) and applies(step(MAX_ROWS), bf16)
+    assert applies(step(1), f32) == native.cpu_has("avx512vl")  # where measured faster
+    monkeypatch.setattr(kernel, "takes_a_lone_float32_row", lambda: False)
+    assert not applies(step(1), f32) and applies(step(1), bf16)
+    monkeypatch.setattr(kernel, "takes_a_lone_float32_row", lambda: True)
+    assert applies(step(1), f32)
     assert not applies(step(MAX_ROWS + 1), f32) and not applies(step(MAX_ROWS + 1), bf16)
     assert not applies(step(2, tokens=2), f32)  # a prefill
     assert not applies(jnp.zeros((4, 4)), f32)
