@@ -33,8 +33,10 @@ def enabled() -> bool:
     return os.environ.get("NANOGPT_JAX_KERNELS", "1") != "0"
 
 
+@functools.cache
 def cpu_signature() -> str:
-    """What -march=native depends on: the CPU's model and its flags."""
+    """What -march=native depends on: the CPU's model and its flags (read once a process:
+    `rows_times.applies` asks at every product it traces)."""
     try:
         with open("/proc/cpuinfo") as f:
             lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]

@@ -5,8 +5,8 @@ Measured on gpt2's 49 weight products (docs/benchmarks.md): from 2 to 16 rows in
 from 1 to 16 in bfloat16 the kernel is faster, and a lone float32 row too on a CPU with
 AVX-512, where the kernel asks for weights 16 KB ahead (a Zen 4: the engine's batch-1 float32
 step 12-20% faster than in XLA's own one-row product; on a Zen 3 with AVX2, XLA's was faster);
-past 16 rows XLA's library products win. A prefill (many tokens a row)
-stays with XLA, so a prompt's keys, values and logits do not depend on how it is batched.
+past 16 rows XLA's library products win. A prefill (many tokens a row) stays with XLA, so a
+prompt's keys, values and logits do not depend on how it is batched.
 The kernel sums each row in an order of its own that does not depend on the other rows, so a
 row's logits are the same bits in every decode batch of up to MAX_ROWS rows.
 """
