@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from nanogpt_jax.config import GPTConfig
+from nanogpt_jax.kernels import rows_times
 
 REPEATS = 5
 
@@ -38,16 +39,25 @@ def best_seconds(function, *args) -> float:
 
 
 def memory_bandwidth(num_bytes: int) -> dict:
-    """GB/s read (the faster of a sum and a matrix-vector product over the same bytes) and of
-    an in-place elementwise update (bytes read + written, for reference).
+    """GB/s read (the fastest of the programs at hand that read the same bytes once) and of an
+    in-place elementwise update (bytes read + written, for reference).
 
     A decode step reads its weights and cache and writes almost nothing, so its floor is the
-    read rate. The update counts both directions and can exceed any read-only program (a
-    2-core Zen 3: update 30-40 GB/s; sum 22-24, matrix-vector 28, a C++ AVX2 read loop 25-26)."""
+    read rate. The programs: XLA's sum and matrix-vector product, and on a CPU the engine's own
+    products kernel at one row, so that the floor reads at least as fast as the engine's step
+    can (a Zen 4, minutes apart: sum 32-34 GB/s, matrix-vector and kernel 34-37 alike, the
+    kernel over gpt2's weights 35-44). The update counts both directions and can exceed any
+    read-only program (a 2-core Zen 3: update 30-40 GB/s; sum 22-24, matrix-vector 28, a C++
+    AVX2 read loop 25-26)."""
     x = jnp.ones((num_bytes // 4,), jnp.float32)
-    reduce = best_seconds(jax.jit(jnp.sum), x)
     vector = jnp.ones((1024,), jnp.float32)
-    matvec = best_seconds(jax.jit(lambda a, v: a.reshape(-1, 1024) @ v), x, vector)
+    reads = {
+        "sum": best_seconds(jax.jit(jnp.sum), x),
+        "matvec": best_seconds(jax.jit(lambda a, v: a.reshape(-1, 1024) @ v), x, vector),
+    }
+    if x.devices().pop().platform == "cpu" and rows_times.built():
+        product = jax.jit(lambda a, v: rows_times.rows_times(v[None], a.reshape(-1, 1024)))
+        reads["kernel"] = best_seconds(product, x, vector)
     # donated, so the update writes where it reads: no fresh output pages to fault in
     scale = jax.jit(lambda a: a * 0.5, donate_argnums=0)
     x = jax.block_until_ready(scale(x))
@@ -58,7 +68,8 @@ def memory_bandwidth(num_bytes: int) -> dict:
         times.append(time.perf_counter() - began)
     return {
         "copy_gbs": 2 * num_bytes / min(times) / 1e9,
-        "read_gbs": num_bytes / min(reduce, matvec) / 1e9,
+        "read_gbs": num_bytes / min(reads.values()) / 1e9,
+        **{f"read_{name}_gbs": num_bytes / seconds / 1e9 for name, seconds in reads.items()},
     }
 
 
@@ -84,20 +95,26 @@ def measure_hardware(dtype: str) -> dict:
     """Device description and its measured bandwidth and matmul rate (in `dtype`)."""
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
-    # arrays well past the caches; products big enough to reach the peak rate
-    bandwidth = memory_bandwidth((256 if on_cpu else 2048) * 2**20)
-    tflops = matmul_rate(2048 if on_cpu else 8192, jnp.dtype(dtype))
+    tflops = matmul_rate(2048 if on_cpu else 8192, jnp.dtype(dtype))  # big enough for the peak
     return {
         "platform": device.platform,
         "device_kind": device.device_kind,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
-        **bandwidth,
-        "bandwidth_gbs": bandwidth["read_gbs"],
+        **bandwidth_now(),
         "matmul_tflops": tflops,
         "matmul_dtype": dtype,
         "jax": jax.__version__,
     }
+
+
+def bandwidth_now() -> dict:
+    """`memory_bandwidth` of arrays well past the caches, and the read rate a floor uses
+    (bandwidth_gbs). A machine that shares its memory with neighbours reads 30-46 GB/s from one
+    minute to the next (a 2-core Zen 4), so a benchmark measures it again next to each cell."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    bandwidth = memory_bandwidth((256 if on_cpu else 2048) * 2**20)
+    return bandwidth | {"bandwidth_gbs": bandwidth["read_gbs"]}
 
 
 def decode_step_cost(config: GPTConfig, weight_bytes: int, batch: int, context: float, itemsize):

@@ -6,7 +6,8 @@ Order of a run:
      matmuls); the first `check_steps` tokens must equal the `jax` engine's, so that a fast
      wrong result cannot win. bfloat16 runs are checked in float32 too: rounding differs
      between libraries, and greedy paths legitimately part at near-ties.
-  2. the hardware: memory bandwidth and matmul rate, measured now (`bench/hardware.py`).
+  2. the hardware: memory bandwidth and matmul rate, measured now (`bench/hardware.py`); the
+     read rate again next to each cell, for its floor.
   3. for each grid cell and implementation, all greedy: one-token runs give the time to first
      token (prefill + one step); full runs give tokens/s; the difference, over the remaining
      steps, gives the steady decode time per step. Warm-ups are not timed; compilation is
@@ -17,7 +18,8 @@ Definitions (one row per implementation and cell):
   ms_per_token      (median full run - median first-token run) / (N - 1): one decode step,
                     which gives every row of the batch one token
   decode_tok_s      B / ms_per_token
-  floor_ms_per_token the hardware floor of one KV-cached decode step at the mean context
+  floor_ms_per_token the hardware floor of one KV-cached decode step at the mean context, at
+                    read_gbs, the read rate measured next to the cell (`bench/hardware.py`)
   fraction_of_floor floor_ms_per_token / ms_per_token (1.0 = at the floor)
   bound_ms_per_token  the step's weight products alone, in the faster of XLA and PyTorch on
                     this machine (`bound.py`)
@@ -272,7 +274,8 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
         cost = bench_hardware.decode_step_cost(
             config, weight_bytes, batch, prompt_len + num_new / 2, itemsize
         )
-        floor_ms = 1e3 * bench_hardware.floor_seconds(cost, hardware)
+        bandwidth = bench_hardware.bandwidth_now()  # this cell's, not the run's start's
+        floor_ms = 1e3 * bench_hardware.floor_seconds(cost, hardware | bandwidth)
         bound = products_bound(settings, bundle, batch, bounds)
         for name, impl in impls.items():
             progress.set_description(f"{name} {mode} B={batch} P={prompt_len} N={num_new}")
@@ -295,6 +298,7 @@ def run_benchmark(settings: Settings, out_dir: str | Path) -> dict:
             elif tokens is not None:  # a draw: only shapes and ids can be checked
                 in_range = tokens.min() >= 0 and tokens.max() < tokenizer.vocab_size
                 row["valid_ids"] = bool(tokens.shape == (batch, num_new) and in_range)
+            row["read_gbs"] = bandwidth["read_gbs"]
             row["floor_ms_per_token"] = floor_ms
             ms = row.get("ms_per_token")
             row["fraction_of_floor"] = floor_ms / ms if ms else None

@@ -52,6 +52,10 @@ def test_bench_smoke(tmp_path):
     assert hardware["bandwidth_gbs"] > 0 and hardware["matmul_tflops"] > 0
     # a decode step reads: its floor uses the read rate, not the update's read + write bytes
     assert hardware["bandwidth_gbs"] == hardware["read_gbs"] and hardware["copy_gbs"] > 0
+    # the read rate: the fastest of the read programs, the products kernel among them if built
+    programs = ["sum", "matvec"] + (["kernel"] if rows_times.built() else [])
+    rates = {p: hardware[f"read_{p}_gbs"] for p in programs}
+    assert min(rates.values()) > 0 and hardware["read_gbs"] == max(rates.values()), hardware
     # the weight products' bound: once per batch size, in XLA and in torch
     bounds = {b["batch_size"]: b for b in report["bounds"]}
     assert set(bounds) == {1, 2}, bounds
@@ -68,6 +72,9 @@ def test_bench_smoke(tmp_path):
         assert row["agree_steps"] == 6, row["impl"]  # float32: same tokens as jax
         assert ("fraction_of_floor" in row) and ("ms_per_token" in row)
         assert row["bound_ms_per_token"] > 0, row["impl"]
+        # each cell's floor at the read rate measured next to it, the same for its rows
+        cell = [r for r in rows if r["batch_size"] == row["batch_size"]]
+        assert row["read_gbs"] > 0 and {r["read_gbs"] for r in cell} == {row["read_gbs"]}
         assert row["ms_per_token"] is None or row["fraction_of_bound"] > 0, row["impl"]
     assert rows[0]["compile_s"] > 0  # the jax engine compiled, and said how long it took
     for row in rows:  # --profile traced every row once more
