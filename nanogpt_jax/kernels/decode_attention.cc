@@ -9,6 +9,7 @@
 // block of slots out of it before multiplying; here each (row, head) reads its own L slots
 // where they lie, once for the scores and once for the values, and nothing past them. A row's
 // result depends only on its own query, slots and length: never on the other rows, nor on S.
+// A row asks for its values and the next row's slots while it scores its own (`attend_row`).
 //
 // Written with the compiler's vector extensions (vectors.h): it is compiled on the machine
 // that runs it (`-march=native`).
@@ -29,22 +30,46 @@ namespace {
 
 using namespace nanogpt_jax;
 
-// q . k for G slots at once (G independent chains of fused multiply-adds), each summed in the
-// same order as a slot alone: lanes across D, then the lanes, then D's tail.
-template <int G, typename T>
-void dot_slots(const float* q, const T* k, float* out, int64_t D) {
+// q . k for one slot, and for eight at once (eight chains of fused multiply-adds, their lane
+// sums in one vector): the same order either way, lanes across D, the lanes as a tree
+// (lane_sum), then D's tail.
+template <typename T>
+float dot_slot(const float* q, const T* k, int64_t D) {
   const int64_t whole = D - D % kLanes;
-  Vec acc[G] = {};
+  Vec acc = {};
+  for (int64_t d = 0; d < whole; d += kLanes) acc = multiply_add(load(q + d), load(k + d), acc);
+  float total = lane_sum(acc);
+  for (int64_t d = whole; d < D; ++d) total += q[d] * to_float(k[d]);
+  return total;
+}
+
+template <typename T>
+Vec dot_8_slots(const float* q, const T* k, int64_t D) {
+  const int64_t whole = D - D % kLanes;
+  Vec acc[8] = {};
   for (int64_t d = 0; d < whole; d += kLanes) {
     const Vec qv = load(q + d);
-    for (int g = 0; g < G; ++g) acc[g] = multiply_add(qv, load(k + g * D + d), acc[g]);
+    for (int g = 0; g < 8; ++g) acc[g] = multiply_add(qv, load(k + g * D + d), acc[g]);
   }
-  for (int g = 0; g < G; ++g) {
-    float total = sum(acc[g]);
-    for (int64_t d = whole; d < D; ++d) total += q[d] * to_float(k[g * D + d]);
-    out[g] = total;
+  Vec totals = lane_sums(acc);
+  for (int g = 0; g < 8; ++g) {
+    for (int64_t d = whole; d < D; ++d) totals[g] += q[d] * to_float(k[g * D + d]);
   }
+  return totals;
 }
+
+// Asks for the cache lines of a span, in order, as far as it is told, each line once (into
+// L2: asked into L1, the rows of a long cache pushed each other out).
+class Ahead {
+ public:
+  explicit Ahead(const void* begin) : next_(static_cast<const char*>(begin)) {}
+  void until(const void* end) {
+    for (; next_ < static_cast<const char*>(end); next_ += 64) __builtin_prefetch(next_, 0, 2);
+  }
+
+ private:
+  const char* next_;
+};
 
 // out[d .. d + V * kLanes) = sum over slots j of weights[j] * v[j, d ..]: V accumulators.
 template <int V, typename T>
@@ -83,10 +108,14 @@ inline Vec exp_at_most_zero(Vec x) {
 }
 
 // y = softmax(scores) . v over L slots, in `buffer` (grown as needed, kept for the next row):
-// the scores, then their weights.
+// the scores, then their weights. While it scores its slots, a row asks for its own values
+// and for the next row's keys and values (next_k, next_v, next_L: the row its thread reads
+// next), a share of them for each share of its own: left to the hardware prefetcher, which
+// starts over at every row's few KB of keys and of values, a step's cache was read at a
+// third of the memory's rate (gpt2, batch 8, 80 slots a row: docs/benchmarks.md).
 template <typename T>
 void attend_row(const float* q, const T* k, const T* v, float* y, int64_t L, int64_t D,
-                std::vector<float>& buffer) {
+                const T* next_k, const T* next_v, int64_t next_L, std::vector<float>& buffer) {
   if (L == 0) {  // nothing to attend to (no step asks for it): zeros, not a 0/0
     std::fill(y, y + D, 0.0f);
     return;
@@ -96,15 +125,28 @@ void attend_row(const float* q, const T* k, const T* v, float* y, int64_t L, int
   if (static_cast<int64_t>(buffer.size()) < padded) buffer.resize(padded);
   float* scores = buffer.data();
   const float scale = std::sqrt(static_cast<float>(D));
+  Ahead values(v), next_keys(next_k), next_values(next_v);
   int64_t j = 0;
-  for (; j + 4 <= L; j += 4) dot_slots<4>(q, k + j * D, scores + j, D);
-  for (; j < L; ++j) dot_slots<1>(q, k + j * D, scores + j, D);
-  std::fill(scores + L, scores + padded, -INFINITY);
-  float peak = -INFINITY;
-  for (j = 0; j < L; ++j) {
-    scores[j] /= scale;
-    peak = std::max(peak, scores[j]);
+  for (; j + 8 <= L; j += 8) {
+    values.until(v + (j + 8) * D);
+    const int64_t share = (j + 8) * next_L / L;  // of the next row's slots
+    next_keys.until(next_k + share * D);
+    next_values.until(next_v + share * D);
+    const Vec s = dot_8_slots(q, k + j * D, D) / scale;
+    std::memcpy(scores + j, &s, sizeof(s));
   }
+  values.until(v + L * D);
+  next_keys.until(next_k + next_L * D);
+  next_values.until(next_v + next_L * D);
+  for (; j < L; ++j) scores[j] = dot_slot(q, k + j * D, D) / scale;
+  std::fill(scores + L, scores + padded, -INFINITY);
+  Vec peaks = load(scores);
+  for (j = kLanes; j < padded; j += kLanes) {
+    const Vec s = load(scores + j);
+    peaks = peaks > s ? peaks : s;
+  }
+  float peak = peaks[0];
+  for (int i = 1; i < kLanes; ++i) peak = std::max(peak, peaks[i]);
   Vec totals = {};
   for (j = 0; j < padded; j += kLanes) {
     const Vec e = exp_at_most_zero(load(scores + j) - peak);
@@ -124,13 +166,21 @@ void attend_row(const float* q, const T* k, const T* v, float* y, int64_t L, int
   for (d = 0; d < D; ++d) y[d] /= total;
 }
 
+// Rows in runs, two a thread: each row knows the one its thread reads next.
 template <typename T>
 void attend_rows(ffi::ThreadPool pool, const float* qs, const T* ks, const T* vs,
                  const int32_t* ls, float* ys, int64_t R, int64_t S, int64_t D) {
-  parallel_for(pool, R, [=](int64_t r) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per_run = std::max<int64_t>(1, R / (2 * threads));
+  const auto length = [=](int64_t r) { return std::clamp<int64_t>(ls[r], 0, S); };
+  parallel_for(pool, (R + per_run - 1) / per_run, [=](int64_t run) {
     thread_local std::vector<float> buffer;  // a row's scores, then its weights: reused
-    const int64_t L = std::clamp<int64_t>(ls[r], 0, S);
-    attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, L, D, buffer);
+    const int64_t end = std::min(R, (run + 1) * per_run);
+    for (int64_t r = run * per_run; r < end; ++r) {
+      const int64_t next = r + 1 < end ? r + 1 : r;  // the last row asks for nothing more
+      attend_row(qs + r * D, ks + r * S * D, vs + r * S * D, ys + r * D, length(r), D,
+                 ks + next * S * D, vs + next * S * D, next == r ? 0 : length(next), buffer);
+    }
   });
 }
 
