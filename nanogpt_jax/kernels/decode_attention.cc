@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ahead.h"
 #include "parallel.h"
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
@@ -57,19 +58,6 @@ Vec dot_8_slots(const float* q, const T* k, int64_t D) {
   }
   return totals;
 }
-
-// Asks for the cache lines of a span, in order, as far as it is told, each line once (into
-// L2: asked into L1, the rows of a long cache pushed each other out).
-class Ahead {
- public:
-  explicit Ahead(const void* begin) : next_(static_cast<const char*>(begin)) {}
-  void until(const void* end) {
-    for (; next_ < static_cast<const char*>(end); next_ += 64) __builtin_prefetch(next_, 0, 2);
-  }
-
- private:
-  const char* next_;
-};
 
 // out[d .. d + V * kLanes) = sum over slots j of weights[j] * v[j, d ..]: V accumulators.
 template <int V, typename T>

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ahead.h"
 #include "parallel.h"
 #include "vectors.h"
 #include "xla/ffi/api/ffi.h"
@@ -59,15 +60,12 @@ void block(const X* x, const W* w, float* y, int64_t K, int64_t N, int64_t r0, i
            const W* ahead) {
   constexpr int64_t kStep = kPaired<X, W> ? 2 * kLanes : kLanes;  // of k
   constexpr int64_t kStepBytes = NB * kStep * sizeof(W);            // of w read per step
-  const char* next = reinterpret_cast<const char*>(ahead);         // as far as this step reads
-  const char* fetched = next;                                      // the next line to ask for
+  const char* asked = reinterpret_cast<const char*>(ahead);        // as far as this step reads
+  Ahead fetch(ahead);
   Vec acc[RB][NB] = {};
   const int64_t whole = K - K % kStep;
   for (int64_t k = 0; k < whole; k += kStep) {
-    if (next != nullptr) {
-      next += kStepBytes;
-      for (; fetched < next; fetched += 64) __builtin_prefetch(fetched, 0, 2);
-    }
+    if (ahead != nullptr) fetch.until(asked += kStepBytes);
     if constexpr (kPaired<X, W>) {
       Pairs wv[NB];
       for (int j = 0; j < NB; ++j) wv[j] = load_pairs(w + (n0 + j) * K + k);
